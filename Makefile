@@ -1,0 +1,38 @@
+# One entry point for a fresh machine: `make train` and `make test` set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+NP     ?= 2
+CONFIG ?= configs/digits_mlp.yaml
+# The CPU build lies on disk here; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install train test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	@# Use the cluster's MPI when one is on the PATH; otherwise take MPICH from PyPI.
+	@if command -v mpiexec >/dev/null 2>&1; then \
+		echo "using system MPI: $$(command -v mpiexec)"; \
+	else \
+		echo "no mpiexec on PATH: installing the mpich wheel"; \
+		$(PY) -m pip install --quiet mpich; \
+	fi
+	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_PIN)"
+	touch $@
+
+train: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" mpiexec -n $(NP) $(PY) -m mpiml.train $(CONFIG)
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check mpiml tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

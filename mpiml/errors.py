@@ -1,0 +1,21 @@
+"""Typed errors: each names the culprit (key, file, rank) and says how to fix it."""
+
+
+class MpimlError(Exception):
+    """Base class: an error the user can act on, printed without a traceback by `train`."""
+
+
+class ConfigError(MpimlError, ValueError):
+    """A config key, value or combination is invalid."""
+
+
+class DataError(MpimlError, ValueError):
+    """A dataset is missing, malformed or too small for the job."""
+
+
+class CheckpointError(MpimlError, RuntimeError):
+    """A checkpoint cannot be written, or one that was read is missing or corrupt."""
+
+
+class CommError(MpimlError, RuntimeError):
+    """Ranks disagree (layout, lengths, launcher) or a collective cannot proceed."""
