@@ -2,7 +2,13 @@
 
 
 class MpimlError(Exception):
-    """Base class: an error the user can act on, printed without a traceback by `train`."""
+    """Base class: an error the user can act on, printed without a traceback by `train`.
+
+    `shared` is set when every rank raised the same error from one agreed verdict: the job
+    can then end cleanly on all ranks instead of being aborted.
+    """
+
+    shared: bool = False
 
 
 class ConfigError(MpimlError, ValueError):

@@ -19,6 +19,12 @@ from mpiml.errors import CommError, MpimlError
 
 T = TypeVar("T")
 
+# Exit codes (documented in the README): 0 done; 1 a rank failed and the job was aborted;
+# 2 bad input (config, data, checkpoint, launcher) agreed on by every rank.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
 
 class World:
     """Rank, size, node-local rank and the job's communicators. Close it (or use `with`)."""
@@ -77,7 +83,27 @@ class World:
                 outcome = (False, err)
         ok, value = self.comm.bcast(outcome, root=0)
         if not ok:
+            value.shared = True
             raise value
+        return value
+
+    def run_together(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on every rank; if it raises MpimlError on any rank, raise it on all.
+
+        For steps every rank does itself (open its data, build its model) that could fail on
+        some ranks only: no rank walks into the next collective while another has given up.
+        """
+        try:
+            value, failure = fn(), None
+        except MpimlError as err:
+            value, failure = None, err
+        failures = self.comm.allgather(failure)
+        for rank, err in enumerate(failures):
+            if err is not None:
+                if rank != 0:
+                    err = type(err)(f"on rank {rank}: {err}")
+                err.shared = True
+                raise err
         return value
 
     def check_same(self, what: str, value: Any) -> None:
@@ -125,15 +151,22 @@ def run_or_abort(fn: Callable[[], int | None], rank: int | None = None) -> int:
         return int(fn() or 0)
     except SystemExit:
         raise
+    except MpimlError as err:
+        if err.shared:  # every rank holds this same verdict: end cleanly, rank 0 says why
+            if rank == 0:
+                sys.stderr.write(f"mpiml: {type(err).__name__}: {err}\n")
+                sys.stderr.flush()
+            return EXIT_USAGE
+        return _abort(rank, f"mpiml: error on rank {rank}: {type(err).__name__}: {err}\n", 1)
     except BaseException as err:  # noqa: BLE001 - anything uncaught must end the whole job
-        if isinstance(err, MpimlError):
-            message = f"mpiml: error on rank {rank}: {type(err).__name__}: {err}\n"
-        else:
-            message = f"mpiml: rank {rank} failed:\n{traceback.format_exc()}"
-            message += f"mpiml: aborting the job because rank {rank} failed\n"
-        sys.stderr.write(message)
-        sys.stderr.flush()
-        code = 130 if isinstance(err, KeyboardInterrupt) else 1
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(code)
-        os._exit(code)
+        message = f"mpiml: rank {rank} failed:\n{traceback.format_exc()}"
+        message += f"mpiml: aborting the job because rank {rank} failed\n"
+        return _abort(rank, message, 130 if isinstance(err, KeyboardInterrupt) else 1)
+
+
+def _abort(rank: int, message: str, code: int) -> int:
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        MPI.COMM_WORLD.Abort(code)
+    os._exit(code)

@@ -1,0 +1,315 @@
+"""Typed, frozen, closed configuration: one dataclass per YAML section.
+
+Why closed: a misspelt key that is silently ignored costs a cluster allocation; here it is an
+error naming the key, the valid keys and the nearest one. Values are checked for type, range
+and combination in `__post_init__`, so a `Config` that exists is a valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mpiml.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long to train and how each rank runs."""
+
+    seed: int = 0  # shuffling, initial weights (rank 0's are broadcast), synthetic data
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch
+    log_every: int = 10  # optimizer steps between training records in metrics.jsonl
+    eval_every_epochs: int = 1
+    threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
+                 self.max_steps, "null or an integer >= 1")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _require(self.eval_every_epochs >= 1, "train.eval_every_epochs", self.eval_every_epochs,
+                 "an integer >= 1")
+        _require(self.threads >= 0, "train.threads", self.threads, "0 (auto) or a positive integer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and the per-rank batch size (the global batch is world_size times it)."""
+
+    name: Literal["digits", "synthetic", "npy"] = "digits"
+    batch_size: int = 32  # per rank
+    eval_fraction: float = 0.2  # held out when the dataset has no separate eval split
+    split_seed: int = 0  # fixes the train/eval split independently of train.seed
+    # synthetic: Gaussian clusters, deterministic from train.seed
+    samples: int = 4096
+    features: int = 32
+    classes: int = 4
+    noise: float = 1.0
+    # npy: inputs and integer labels as .npy files, opened memory-mapped
+    x_path: str | None = None
+    y_path: str | None = None
+    eval_x_path: str | None = None
+    eval_y_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
+                 "a number in [0, 1)")
+        _require(self.samples >= 1, "data.samples", self.samples, "an integer >= 1")
+        _require(self.features >= 1, "data.features", self.features, "an integer >= 1")
+        _require(self.classes >= 2, "data.classes", self.classes, "an integer >= 2")
+        _require(self.noise >= 0, "data.noise", self.noise, "a number >= 0")
+        if self.name == "npy":
+            for key in ("x_path", "y_path"):
+                _require(getattr(self, key) is not None, f"data.{key}", None,
+                         "a path to a .npy file when data.name is 'npy'")
+            _require((self.eval_x_path is None) == (self.eval_y_path is None),
+                     "data.eval_x_path", self.eval_x_path,
+                     "to be given together with data.eval_y_path, or both left out")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A built-in model ('mlp', 'cnn') or any 'package.module:Class' built with `kwargs`."""
+
+    name: str = "mlp"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        builtin = self.name in ("mlp", "cnn")
+        _require(builtin or (":" in self.name and all(self.name.split(":"))), "model.name",
+                 self.name, "'mlp', 'cnn' or 'package.module:Class'")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer; `lr` is used as given (no scaling with world size)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                 "two numbers in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _require(not self.nesterov or (self.name == "sgd" and self.momentum > 0),
+                 "optim.nesterov", self.nesterov, "false unless optim.name is sgd with momentum > 0")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How gradients are synchronised."""
+
+    algorithm: Literal["auto", "ring", "mpi"] = "auto"  # mpi: MPI's own Allreduce, to compare
+    bucket_mb: float = 4.0  # gradients are fused into buckets of about this size
+    overlap: bool = True  # start each bucket's allreduce during backward
+
+    def __post_init__(self) -> None:
+        _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "a number > 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When rank 0 saves `run.dir/checkpoints/step-<N>/`; one is always saved at the end."""
+
+    every_steps: int | None = None
+    keep: int | None = None  # keep only the newest `keep` checkpoints; null keeps all
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps is None or self.every_steps >= 1, "checkpoint.every_steps",
+                 self.every_steps, "null or an integer >= 1")
+        _require(self.keep is None or self.keep >= 1, "checkpoint.keep", self.keep,
+                 "null or an integer >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where rank 0 writes config.yaml, metrics.jsonl and checkpoints/."""
+
+    dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "run.dir", self.dir, "a non-empty path")
+
+
+@dataclass(frozen=True)
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) that YAML and JSON can hold."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- building from plain data -------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it in the field's own type."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} = {value!r} is not one of the choices: "
+                          + ", ".join(repr(a) for a in args))
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list of "
+                          f"{len(args)} values")
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected a mapping")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in valid:
+            raise _unknown_key(key, str(name), valid)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - fields all have defaults
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def config_from_dict(data: Any) -> Config:
+    """Validate plain data (as parsed from YAML) into a `Config`."""
+    return _build(Config, data, "")
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` (value parsed as YAML) to plain config data."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({err})") from err
+    keys = path.strip().split(".")
+    node = data
+    for part in keys[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                              f"got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, every key present: what was actually run."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,205 @@
+"""The training loop: data -> forward/backward -> gradient sync -> step -> log -> checkpoint.
+
+Each stage is a short method so the loop in `fit` reads as that sentence. Everything that
+crosses ranks goes through the `World` and `GradSync`; everything rank 0 alone does goes
+through the `RunLog` and the checkpoint writer, whose outcome is shared with every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import mpiml
+from mpiml.checkpoint import prune_checkpoints, save_checkpoint
+from mpiml.comm import World
+from mpiml.comm.sync import GradSync
+from mpiml.config import Config, dump_config
+from mpiml.data import Dataset, ShardedLoader, build_dataset, eval_shard
+from mpiml.models import build_model
+from mpiml.optim import build_optimizer
+from mpiml.runlog import RunLog
+
+
+def threads_per_rank(local_size: int, requested: int = 0) -> int:
+    """Torch threads for one rank: the cores this process may use, shared by the node's ranks.
+
+    If the launcher already pinned us to fewer cores than the machine has (srun with
+    --cpus-per-task, mpirun --bind-to), those cores are ours alone; otherwise the node's cores
+    are split evenly between its ranks so N ranks never run N x cores threads.
+    """
+    if requested > 0:
+        return requested
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    total = os.cpu_count() or 1
+    allowed = allowed or 1
+    if allowed < total:
+        return max(1, allowed)
+    return max(1, total // max(1, local_size))
+
+
+@dataclass
+class _Window:
+    """What happened since the last training record, on this rank."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    times: dict[str, float] = field(
+        default_factory=lambda: {"data": 0.0, "forward_backward": 0.0, "comm_exposed": 0.0,
+                                 "optimizer": 0.0})
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World, log: RunLog) -> None:
+        self.cfg, self.world, self.log = cfg, world, log
+        self.threads = threads_per_rank(world.local_size, cfg.train.threads)
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(cfg.train.seed)  # rank 0's initial weights are broadcast anyway
+
+        self.dataset: Dataset = world.run_together(
+            lambda: build_dataset(cfg.data, cfg.train.seed))
+        self.loader = world.run_together(lambda: ShardedLoader(
+            self.dataset.train, cfg.data.batch_size, world.rank, world.size, cfg.train.seed))
+        self.model = world.run_together(lambda: build_model(
+            cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
+        self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
+                             cfg.comm.algorithm)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.step = 0
+        self.epoch = 0
+        self.last_saved_step = -1
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.print(f"mpiml {mpiml.__version__}: {world.size} rank(s), {self.threads} torch "
+                  f"thread(s) per rank, model {cfg.model.name} ({n_params:,} parameters), "
+                  f"data {cfg.data.name} ({len(self.dataset.train):,} train / "
+                  f"{len(self.dataset.eval):,} eval), global batch "
+                  f"{cfg.data.batch_size * world.size}, {self.loader.steps_per_epoch} steps/epoch")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.cfg.train
+        window = _Window()
+        for self.epoch in range(self.epoch, cfg.epochs):
+            batches = self.loader.epoch(self.epoch)
+            while not self.done:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                t1 = time.perf_counter()
+                loss = self.forward_backward(*batch)
+                t2 = time.perf_counter()
+                self.sync.finish()
+                t3 = time.perf_counter()
+                self.optimizer_step()
+                t4 = time.perf_counter()
+                self.step += 1
+                window.loss_sum += loss * len(batch[1])
+                window.samples += len(batch[1])
+                window.steps += 1
+                for key, dt in zip(window.times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    window.times[key] += dt
+                if self.step % cfg.log_every == 0 or self.done:
+                    self.log_training(window)
+                    window = _Window()
+                self.maybe_checkpoint()
+            if (self.epoch + 1) % cfg.eval_every_epochs == 0 or self.done \
+                    or self.epoch + 1 == cfg.epochs:
+                self.evaluate()
+            if self.done:
+                break
+        self.save_checkpoint()
+
+    @property
+    def done(self) -> bool:
+        cap = self.cfg.train.max_steps
+        return cap is not None and self.step >= cap
+
+    # -- stages -----------------------------------------------------------------------------------
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.train()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()  # bucket allreduces start from the hooks as gradients become ready
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.sync.zero_grad()
+
+    def log_training(self, window: _Window) -> None:
+        """Record loss averaged over every rank's samples, and the slowest rank's step time."""
+        elapsed = time.perf_counter() - window.start
+        sums = self.world.allreduce_sum(np.array([window.loss_sum, window.samples]))
+        slowest = self.world.allreduce_max(np.array([elapsed / max(1, window.steps)]))[0]
+        loss = sums[0] / max(1.0, sums[1])
+        rate = sums[1] / max(elapsed, 1e-9)  # global samples per second
+        comm = self.sync.reset_stats()
+        per_step = {k: round(v / max(1, window.steps) * 1e3, 3) for k, v in window.times.items()}
+        self.log.record(step=self.step, epoch=self.epoch, loss=round(float(loss), 6),
+                        samples_per_s=round(float(rate), 1),
+                        step_ms=round(elapsed / max(1, window.steps) * 1e3, 3),
+                        slowest_step_ms=round(float(slowest) * 1e3, 3),
+                        comm_ms=round(comm.comm_s / max(1, window.steps) * 1e3, 3),
+                        breakdown_ms=per_step)
+        self.log.print(f"epoch {self.epoch:>3}  step {self.step:>6}  loss {loss:.4f}  "
+                       f"{rate:,.0f} samples/s")
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Each rank evaluates its share of the held-out split; sums and counts are reduced."""
+        self.model.eval()
+        totals = np.zeros(3)  # loss sum, correct, samples
+        for x, y in eval_shard(self.dataset.eval, self.world.rank, self.world.size,
+                               max(256, self.cfg.data.batch_size)):
+            logits = self.model(x)
+            totals += (float(F.cross_entropy(logits, y, reduction="sum")),
+                       float((logits.argmax(1) == y).sum()), len(y))
+        loss_sum, correct, count = self.world.allreduce_sum(totals)
+        if count == 0:
+            return
+        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(loss_sum / count, 6),
+                        eval_accuracy=round(correct / count, 6))
+        self.log.print(f"epoch {self.epoch:>3}  eval loss {loss_sum / count:.4f}  "
+                       f"accuracy {correct / count:.2%}  ({int(count)} samples)")
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every is not None and self.step % every == 0:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes; every rank learns whether it worked (a failure is an error on all)."""
+        if self.step == self.last_saved_step:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        meta = {"epoch": self.epoch, "world_size": self.world.size,
+                "mpiml_version": mpiml.__version__, "config": self.cfg.to_dict()}
+        run_dir, keep = self.cfg.run.dir, self.cfg.checkpoint.keep
+
+        def write() -> str:
+            path = save_checkpoint(run_dir, self.step, state, meta)
+            (path / "config.yaml").write_text(dump_config(self.cfg))
+            if keep is not None:
+                prune_checkpoints(run_dir, keep)
+            return str(path)
+
+        path = self.world.root_decides(write)
+        self.last_saved_step = self.step
+        self.log.print(f"saved checkpoint {path}")
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.sync.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
