@@ -29,6 +29,7 @@ train: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" mpiexec -n $(NP) $(PY) -m mpiml.train $(CONFIG)
 
 test: install
+	$(PY) -m ruff check mpiml tests scripts
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 lint: install

@@ -97,10 +97,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """The optimizer; `lr` is used as given (no scaling with world size)."""
+    """The optimizer and its learning-rate schedule."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1
+    lr: float = 0.1  # for the global batch; see lr_scaling
+    # Scale lr with world size: linear (Goyal et al.) or sqrt; none uses lr as given.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
+    step_every: int = 1000  # schedule=step: multiply lr by step_gamma every this many steps
+    step_gamma: float = 0.1
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
@@ -114,8 +120,13 @@ class OptimConfig:
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                  "two numbers in [0, 1)")
         _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+                 "an integer >= 0")
+        _require(self.step_every >= 1, "optim.step_every", self.step_every, "an integer >= 1")
+        _require(0 < self.step_gamma <= 1, "optim.step_gamma", self.step_gamma,
+                 "a number in (0, 1]")
         _require(not self.nesterov or (self.name == "sgd" and self.momentum > 0),
-                 "optim.nesterov", self.nesterov, "false unless optim.name is sgd with momentum > 0")
+                 "optim.nesterov", self.nesterov, "false unless sgd with momentum > 0")
 
 
 @dataclass(frozen=True)
@@ -211,7 +222,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
     if origin is tuple:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(f"{key}[{i}]", v, a)
+                         for i, (v, a) in enumerate(zip(value, args, strict=True)))
         raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list of "
                           f"{len(args)} values")
     if origin is dict:

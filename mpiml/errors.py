@@ -10,6 +10,11 @@ class MpimlError(Exception):
 
     shared: bool = False
 
+    def agreed(self) -> "MpimlError":
+        """Mark as a verdict every rank reached together (so the job may end cleanly)."""
+        self.shared = True
+        return self
+
 
 class ConfigError(MpimlError, ValueError):
     """A config key, value or combination is invalid."""

@@ -45,7 +45,7 @@ class RunLog:
             self._metrics.close()
             self._metrics = None
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ from mpiml.comm.sync import GradSync
 from mpiml.config import Config, dump_config
 from mpiml.data import Dataset, ShardedLoader, build_dataset, eval_shard
 from mpiml.models import build_model
-from mpiml.optim import build_optimizer
+from mpiml.optim import build_optimizer, build_scheduler
 from mpiml.runlog import RunLog
 
 
@@ -71,7 +71,8 @@ class Trainer:
             cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
                              cfg.comm.algorithm)
-        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         self.step = 0
         self.epoch = 0
         self.last_saved_step = -1
@@ -86,8 +87,9 @@ class Trainer:
     def fit(self) -> None:
         cfg = self.cfg.train
         window = _Window()
-        for self.epoch in range(self.epoch, cfg.epochs):
-            batches = self.loader.epoch(self.epoch)
+        for epoch in range(self.epoch, cfg.epochs):
+            self.epoch = epoch
+            batches = self.loader.epoch(epoch)
             while not self.done:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
@@ -104,18 +106,27 @@ class Trainer:
                 window.loss_sum += loss * len(batch[1])
                 window.samples += len(batch[1])
                 window.steps += 1
-                for key, dt in zip(window.times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                for key, dt in zip(window.times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                     window.times[key] += dt
                 if self.step % cfg.log_every == 0 or self.done:
                     self.log_training(window)
                     window = _Window()
                 self.maybe_checkpoint()
+            if window.steps:  # the epoch's tail, so every step is in some record
+                self.log_training(window)
+                window = _Window()
             if (self.epoch + 1) % cfg.eval_every_epochs == 0 or self.done \
                     or self.epoch + 1 == cfg.epochs:
                 self.evaluate()
             if self.done:
                 break
         self.save_checkpoint()
+
+    @property
+    def total_steps(self) -> int:
+        planned = self.cfg.train.epochs * self.loader.steps_per_epoch
+        cap = self.cfg.train.max_steps
+        return planned if cap is None else min(planned, cap)
 
     @property
     def done(self) -> bool:
@@ -131,6 +142,7 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+        self.scheduler.step()
         self.sync.zero_grad()
 
     def log_training(self, window: _Window) -> None:
@@ -178,7 +190,8 @@ class Trainer:
         """Rank 0 writes; every rank learns whether it worked (a failure is an error on all)."""
         if self.step == self.last_saved_step:
             return
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
         meta = {"epoch": self.epoch, "world_size": self.world.size,
                 "mpiml_version": mpiml.__version__, "config": self.cfg.to_dict()}
         run_dir, keep = self.cfg.run.dir, self.cfg.checkpoint.keep
@@ -198,7 +211,7 @@ class Trainer:
     def close(self) -> None:
         self.sync.close()
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -62,7 +62,7 @@ def check_same_length(comm: MPI.Comm, buf: np.ndarray) -> None:
         raise CommError(
             f"ring allreduce buffers differ across ranks ({detail}); every rank must pass "
             "the same length and dtype"
-        )
+        ).agreed()
 
 
 def ring_allreduce(comm: MPI.Comm, buf: np.ndarray, scratch: np.ndarray | None = None) -> None:

@@ -54,7 +54,8 @@ def broadcast_module(world: World, module: torch.nn.Module, root: int = 0) -> No
 
 def check_layout(world: World, module: torch.nn.Module) -> None:
     """Raise CommError on every rank unless all ranks hold the same parameters, in order."""
-    mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+    mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad)
+            for n, p in module.named_parameters()]
     everyone = world.allgather_object(mine)
     for rank, theirs in enumerate(everyone):
         if theirs == everyone[0]:
@@ -67,7 +68,7 @@ def check_layout(world: World, module: torch.nn.Module) -> None:
                     f"model layout differs: parameter #{i} is {_describe(a)} on rank 0 but "
                     f"{_describe(b)} on rank {rank}. Every rank must build the same model "
                     "(same model.name, model.kwargs and code)"
-                )
+                ).agreed()
     return None
 
 
@@ -157,7 +158,7 @@ class GradSync:
         """Zero every gradient and point each `.grad` at its slot in the bucket."""
         for bucket in self.buckets:
             bucket.buffer.zero_()
-            for param, view in zip(bucket.params, bucket.views):
+            for param, view in zip(bucket.params, bucket.views, strict=True):
                 param.grad = view
             bucket.pending = len(bucket.params)
             bucket.future = None
@@ -197,7 +198,7 @@ class GradSync:
 
     def _adopt_foreign_grads(self, bucket: _Bucket) -> None:
         """If something replaced a `.grad` (e.g. `zero_grad(set_to_none=True)`), copy it back."""
-        for param, view in zip(bucket.params, bucket.views):
+        for param, view in zip(bucket.params, bucket.views, strict=True):
             grad = param.grad
             if grad is None:
                 view.zero_()
@@ -250,7 +251,7 @@ class GradSync:
             self.comm.Free()
         self.comm = MPI.COMM_NULL
 
-    def __enter__(self) -> "GradSync":
+    def __enter__(self) -> GradSync:
         return self
 
     def __exit__(self, *exc: object) -> None:

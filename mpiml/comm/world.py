@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from mpi4py import MPI
@@ -44,7 +45,8 @@ class World:
         return self.rank == 0
 
     def __repr__(self) -> str:
-        return f"World(rank={self.rank}, size={self.size}, local={self.local_rank}/{self.local_size})"
+        return (f"World(rank={self.rank}, size={self.size}, "
+                f"local={self.local_rank}/{self.local_size})")
 
     # -- collectives (every rank must call them) -------------------------------------------
     def barrier(self) -> None:
@@ -83,8 +85,7 @@ class World:
                 outcome = (False, err)
         ok, value = self.comm.bcast(outcome, root=0)
         if not ok:
-            value.shared = True
-            raise value
+            raise value.agreed()
         return value
 
     def run_together(self, fn: Callable[[], T]) -> T:
@@ -102,8 +103,7 @@ class World:
             if err is not None:
                 if rank != 0:
                     err = type(err)(f"on rank {rank}: {err}")
-                err.shared = True
-                raise err
+                raise err.agreed()
         return value
 
     def check_same(self, what: str, value: Any) -> None:
@@ -114,7 +114,7 @@ class World:
             raise CommError(
                 f"{what} differs between rank 0 and rank(s) {differ}; every rank must build "
                 "the same thing (same config, same code version)"
-            )
+            ).agreed()
 
     # -- failure ----------------------------------------------------------------------------
     def abort(self, code: int = 1) -> None:
@@ -128,7 +128,7 @@ class World:
                 comm.Free()
         self.node_comm = self.comm = MPI.COMM_NULL
 
-    def __enter__(self) -> "World":
+    def __enter__(self) -> World:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,104 @@
+"""GradSync: bucketed, overlapped gradient averaging against an oracle built with allgather."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpiml.comm import World
+from mpiml.comm.sync import GradSync
+from mpiml.errors import CommError
+
+pytestmark = pytest.mark.mpi
+
+
+class Net(nn.Module):
+    def __init__(self, extra: int = 0) -> None:
+        super().__init__()
+        self.a = nn.Linear(13, 31)
+        self.b = nn.Linear(31, 7 + extra)
+        self.unused = nn.Linear(3, 5)  # never in forward: must be synced as zeros
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def local_grads(model: nn.Module, rank: int, micro: int = 0) -> None:
+    gen = torch.Generator().manual_seed(100 * rank + micro)
+    x = torch.randn(9 + rank, 13, generator=gen)
+    model(x).pow(2).mean().backward()
+
+
+@pytest.fixture
+def world():
+    w = World()
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("bucket_mb", [0.001, 4.0])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+def test_gradients_are_the_average_of_every_rank(world, overlap, bucket_mb, algorithm):
+    torch.manual_seed(1234 + world.rank)  # different on purpose: GradSync broadcasts rank 0's
+    model = Net()
+    with GradSync(world, model, bucket_mb=bucket_mb, overlap=overlap, algorithm=algorithm) as sync:
+        assert len(sync.buckets) >= (2 if bucket_mb < 0.01 else 1)
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in params.values():  # every rank now starts from rank 0's weights
+            assert all(np.array_equal(o, p.numpy()) for o in world.allgather_object(p.numpy()))
+        for step in range(2):
+            local_grads(model, world.rank, micro=step)
+            mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
+            sync.finish()
+            everyone = world.allgather_object(mine)
+            for n, p in model.named_parameters():
+                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
+                np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
+                                           err_msg=n)
+            assert not model.unused.weight.grad.any()
+            sync.zero_grad()
+
+
+def test_accumulation_syncs_once(world):
+    model = Net()
+    with GradSync(world, model, bucket_mb=0.001, overlap=True) as sync:
+        local = []
+        with sync.no_sync():
+            local_grads(model, world.rank, micro=0)
+            assert sync.stats.calls == 0
+        local_grads(model, world.rank, micro=1)
+        local.append({n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()})
+        sync.finish()
+        assert sync.stats.calls == len(sync.buckets)
+        everyone = world.allgather_object(local[0])
+        for n, p in model.named_parameters():
+            expected = np.mean([g[n] for g in everyone], axis=0)
+            np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_replaced_by_set_to_none_is_still_synced(world):
+    model = Net()
+    with GradSync(world, model, overlap=False) as sync:
+        for p in model.parameters():
+            p.grad = None  # what optimizer.zero_grad() does by default
+        local_grads(model, world.rank)
+        mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()
+                if p.grad is not None}
+        sync.finish()
+        everyone = world.allgather_object(mine)
+        for n in mine:
+            expected = np.mean([g[n] for g in everyone], axis=0)
+            np.testing.assert_allclose(dict(model.named_parameters())[n].grad.numpy(), expected,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_layout_mismatch_is_an_error_on_every_rank(world):
+    if world.size == 1:
+        pytest.skip("needs two ranks to differ")
+    model = Net(extra=1 if world.rank == world.size - 1 else 0)
+    expected = r"model layout differs: parameter #2 is 'b.weight' \[7, 31\]"
+    with pytest.raises(CommError, match=expected):
+        GradSync(world, model)
