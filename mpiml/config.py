@@ -32,6 +32,7 @@ class TrainConfig:
     seed: int = 0  # shuffling, initial weights (rank 0's are broadcast), synthetic data
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch
+    accumulate_steps: int = 1  # micro-batches of data.batch_size per optimizer step and rank
     log_every: int = 10  # optimizer steps between training records in metrics.jsonl
     eval_every_epochs: int = 1
     threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node
@@ -40,6 +41,8 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
                  self.max_steps, "null or an integer >= 1")
+        _require(self.accumulate_steps >= 1, "train.accumulate_steps", self.accumulate_steps,
+                 "an integer >= 1")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.eval_every_epochs >= 1, "train.eval_every_epochs", self.eval_every_epochs,
                  "an integer >= 1")
@@ -110,6 +113,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None  # clip the averaged gradients to this global L2 norm
     betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
     eps: float = 1e-8  # adam, adamw
 
@@ -120,6 +124,8 @@ class OptimConfig:
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                  "two numbers in [0, 1)")
         _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "optim.clip_grad_norm",
+                 self.clip_grad_norm, "null or a number > 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
                  "an integer >= 0")
         _require(self.step_every >= 1, "optim.step_every", self.step_every, "an integer >= 1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,8 +66,12 @@ class Trainer:
 
         self.dataset: Dataset = world.run_together(
             lambda: build_dataset(cfg.data, cfg.train.seed))
+        # A step takes `accumulate_steps` micro-batches, so the loader hands out all of them
+        # at once: the same samples one rank with batch `k * b` would take.
+        self.micro_batches = cfg.train.accumulate_steps
         self.loader = world.run_together(lambda: ShardedLoader(
-            self.dataset.train, cfg.data.batch_size, world.rank, world.size, cfg.train.seed))
+            self.dataset.train, cfg.data.batch_size * self.micro_batches, world.rank, world.size,
+            cfg.train.seed))
         self.model = world.run_together(lambda: build_model(
             cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
@@ -81,7 +86,8 @@ class Trainer:
                   f"thread(s) per rank, model {cfg.model.name} ({n_params:,} parameters), "
                   f"data {cfg.data.name} ({len(self.dataset.train):,} train / "
                   f"{len(self.dataset.eval):,} eval), global batch "
-                  f"{cfg.data.batch_size * world.size}, {self.loader.steps_per_epoch} steps/epoch")
+                  f"{self.loader.batch_size * world.size}, "
+                  f"{self.loader.steps_per_epoch} steps/epoch")
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -135,12 +141,27 @@ class Trainer:
 
     # -- stages -----------------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean loss over the rank's batch; with accumulation, one backward per micro-batch.
+
+        Only the last micro-batch's backward triggers communication (the others run under
+        `no_sync`); each micro-batch's loss is weighted by its share of the batch, so the
+        accumulated gradient is that of the mean over all of them.
+        """
         self.model.train()
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()  # bucket allreduces start from the hooks as gradients become ready
-        return float(loss.detach())
+        total = 0.0
+        pieces = list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches), strict=True))
+        for i, (xs, ys) in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with nullcontext() if last else self.sync.no_sync():
+                loss = F.cross_entropy(self.model(xs), ys) * (len(ys) / len(y))
+                loss.backward()  # bucket allreduces start from hooks as gradients get ready
+            total += float(loss.detach())
+        return total
 
     def optimizer_step(self) -> None:
+        clip = self.cfg.optim.clip_grad_norm
+        if clip is not None:  # gradients are averaged, so every rank clips identically
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.sync.zero_grad()

@@ -49,6 +49,23 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, n, optim):
     assert losses[-1] < losses[0]
 
 
+def test_accumulation_and_clipping_match_one_big_batch(tmp_path):
+    """2 ranks x 3 micro-batches of 4, clipped, equal 1 rank with batch 24, clipped."""
+    common = ("--set", "train.max_steps=15", "--set", "optim.clip_grad_norm=0.05",
+              "--set", "optim.lr=0.05")
+    acc = train(2, tmp_path / "acc", "--set", "data.batch_size=4", "--set",
+                "train.accumulate_steps=3", *common)
+    big = train(1, tmp_path / "big", "--set", "data.batch_size=24", *common)
+    unclipped = train(1, tmp_path / "free", "--set", "data.batch_size=24",
+                      "--set", "train.max_steps=15", "--set", "optim.lr=0.05")
+    assert acc.returncode == big.returncode == unclipped.returncode == 0, acc.output + big.output
+    want, free = final_params(tmp_path / "big"), final_params(tmp_path / "free")
+    for name, value in final_params(tmp_path / "acc").items():
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=2e-5, msg=name)
+    assert any(not torch.allclose(want[n], free[n], atol=1e-3) for n in want), \
+        "clipping at 0.05 should have changed the result"
+
+
 def test_overlap_off_and_mpi_algorithm_give_the_same_model(tmp_path):
     base = ("--set", "train.max_steps=20", "--set", "data.batch_size=8")
     a = train(2, tmp_path / "a", *base, "--set", "comm.overlap=false", "--set",
