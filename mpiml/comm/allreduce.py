@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpiml.comm.doubling import doubling_allreduce, doubling_scratch_length, is_power_of_two
 from mpiml.comm.ring import (
     DEFAULT_WINDOW,
     pipelined_ring_allreduce,
@@ -59,7 +60,7 @@ from mpiml.comm.ring import (
 )
 from mpiml.errors import CommError
 
-ALGORITHMS = ("auto", "ring", "mpi")
+ALGORITHMS = ("auto", "ring", "doubling", "mpi")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine (see the README):
@@ -184,9 +185,17 @@ class Allreducer:
             np.empty(config.max_elements, dtype=wire_np) if wire_kind != dtype else None
         )
         self._work_t = _as_torch(self._work, wire_kind) if self._work is not None else None
-        # Reduce-scatter scratch: DEFAULT_WINDOW segments, never more than the longest chunk.
+        if config.algorithm == "doubling" and not is_power_of_two(self.size):
+            raise CommError(
+                f"Allreducer algorithm='doubling' needs a power-of-two number of ranks, not "
+                f"{self.size}; use 'auto' or 'ring'"
+            )
+        # Scratch for whichever of ring and doubling may run: a window of segments at most.
         slot = min(self._segment, scratch_length(config.max_elements, self.size))
-        self._scratch = np.empty(DEFAULT_WINDOW * slot, dtype=wire_np)
+        need = DEFAULT_WINDOW * slot
+        if is_power_of_two(self.size):
+            need = max(need, doubling_scratch_length(config.max_elements, self._segment))
+        self._scratch = np.empty(need, dtype=wire_np)
         if config.compressed:  # float32 staging for one segment's add
             self._acc = torch.empty(2 * self._segment, dtype=torch.float32)
         self._bounds: dict[int, list[list[tuple[int, int]]]] = {}
@@ -223,20 +232,29 @@ class Allreducer:
         _as_torch(buf, kind).copy_(work_t)
 
     def algorithm_for(self, nbytes: int) -> str:
-        """Which algorithm a buffer of `nbytes` (on the wire) takes: "ring" or "mpi"."""
+        """Which algorithm a buffer of `nbytes` (on the wire) takes: "ring", "doubling" or "mpi"."""
         algorithm = self.config.algorithm
-        if algorithm == "auto":
-            small = nbytes < self.config.small_threshold_bytes and not self.config.compressed
-            return "mpi" if small else "ring"
-        return algorithm
+        if algorithm != "auto":
+            return algorithm
+        if self.size == 2:
+            return "doubling"  # one message each way per segment; as little traffic as the ring
+        if nbytes >= self.config.small_threshold_bytes:
+            return "ring"
+        if not self.config.compressed:
+            return "mpi"
+        return "doubling" if is_power_of_two(self.size) else "ring"  # mpi cannot decompress
 
     # -- internals ------------------------------------------------------------------------------
     def _reduce(self, wire: np.ndarray) -> None:
         """Reduce `wire` (already in the wire type) in place with the chosen algorithm."""
-        if self.algorithm_for(wire.nbytes) == "mpi":
+        algorithm = self.algorithm_for(wire.nbytes)
+        if algorithm == "mpi":
             self.comm.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
             if self.config.average:
                 np.divide(wire, self.size, out=wire)
+            return
+        if algorithm == "doubling":
+            doubling_allreduce(self.comm, wire, self._scratch, self._segment, self._combine)
             return
         bounds = self._bounds.get(wire.size)
         if bounds is None:
@@ -250,8 +268,12 @@ class Allreducer:
         size, average = self.size, self.config.average
         if not self.config.compressed:
 
-            def combine(target: np.ndarray, incoming: np.ndarray, last: bool) -> None:
-                np.add(target, incoming, out=target)
+            def combine(target: np.ndarray, incoming: np.ndarray, last: bool,
+                        incoming_first: bool = False) -> None:
+                if incoming_first:  # operand order fixed by rank: see doubling.py
+                    np.add(incoming, target, out=target)
+                else:
+                    np.add(target, incoming, out=target)
                 if last and average:
                     np.divide(target, size, out=target)
 
@@ -260,15 +282,17 @@ class Allreducer:
         kind = self.config.wire_dtype
         acc = self._acc
 
-        def combine_half(target: np.ndarray, incoming: np.ndarray, last: bool) -> None:
+        def combine_half(target: np.ndarray, incoming: np.ndarray, last: bool,
+                         incoming_first: bool = False) -> None:
             n = target.size
             mine, theirs = acc[:n], acc[n:2 * n]
             mine.copy_(_as_torch(target, kind))
             theirs.copy_(_as_torch(incoming, kind))
-            mine.add_(theirs)
+            first, second = (theirs, mine) if incoming_first else (mine, theirs)
+            first.add_(second)
             if last and average:
-                mine.div_(size)
-            _as_torch(target, kind).copy_(mine)
+                first.div_(size)
+            _as_torch(target, kind).copy_(first)
 
         return combine_half
 
