@@ -12,8 +12,13 @@ Algorithms:
 * ``"mpi"``: MPI's own `Allreduce(IN_PLACE, buf)`. Latency-tuned (one C call instead of
   2(N-1) Python-driven steps), so it wins for small buffers. Kept as a choice for
   comparison and as a fallback.
-* ``"auto"`` (the default): ``"mpi"`` for buffers under `small_threshold_bytes` (measured on
-  the 2-core machine: see `scripts/bench_allreduce.py`), ``"ring"`` from there up.
+* ``"doubling"``: recursive doubling (`doubling.py`), power-of-two N only: log2(N) swaps of
+  the whole buffer. At N = 2 it is one Sendrecv and one add per segment.
+* ``"auto"`` (the default): ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB,
+  measured at N = 2 on the 2-core machine with `scripts/bench_allreduce.py`); at N = 2,
+  ``"doubling"`` while the buffer fits in one segment; ``"ring"`` above. With a compressed
+  wire (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two
+  N, else ``"ring"``.
 
 Precision: float32 and float64 are summed in their own type. float16 and bfloat16 buffers
 are summed in float32. A torch bfloat16 tensor has no numpy dtype: pass its bits,
@@ -63,11 +68,12 @@ from mpiml.errors import CommError
 ALGORITHMS = ("auto", "ring", "doubling", "mpi")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
-# Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine (see the README):
-# the ring catches up with MPICH's Allreduce between 256 KiB and 1 MiB, and 512 KiB segments
-# keep a segment and its scratch well inside the 2 MiB L2.
-DEFAULT_SMALL_THRESHOLD_BYTES = 512 * 1024
-DEFAULT_SEGMENT_BYTES = 512 * 1024
+# Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine: MPICH's Allreduce
+# wins below ~768 KiB (one C call against Python-driven steps), doubling (one Sendrecv and an
+# add) wins at 1 MiB, and the pipelined ring from 2 MiB up. 1 MiB segments beat 256 KiB and
+# 512 KiB ones from 2 MiB up (fewer Python steps), and a window of two still fits in L2.
+DEFAULT_SMALL_THRESHOLD_BYTES = 1 << 20
+DEFAULT_SEGMENT_BYTES = 1 << 20
 
 _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -144,7 +150,7 @@ class Allreducer:
     """Sum (or average) flat buffers across all ranks of `comm`, in place.
 
     `Allreducer(comm, max_elements, dtype="float32", *, algorithm="auto", wire=None,
-    average=False, segment_bytes=512 KiB, small_threshold_bytes=512 KiB)`; a collective
+    average=False, segment_bytes=1 MiB, small_threshold_bytes=1 MiB)`; a collective
     constructor (every rank, same arguments). Then `reducer(buf)` on every rank, where `buf` is
     a contiguous 1-D numpy array of at most `max_elements` elements of `dtype` (int16/uint16
     bits for bfloat16), the same length on every rank. See the module docstring for the
@@ -200,10 +206,22 @@ class Allreducer:
             self._acc = torch.empty(2 * self._segment, dtype=torch.float32)
         self._bounds: dict[int, list[list[tuple[int, int]]]] = {}
         self._combine = self._build_combine()
+        # Plain float buffers under the threshold with no averaging go straight to MPI.
+        self._mpi_fast = (config.algorithm in ("auto", "mpi") and self._work is None
+                          and not config.compressed
+                          and not config.average and self.size > 1)
+        self._small = (config.small_threshold_bytes if config.algorithm == "auto"
+                       else float("inf"))
+        self._max = config.max_elements
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, buf: np.ndarray) -> None:
         """Sum `buf` over all ranks in place (divided by the number of ranks if `average`)."""
+        if (self._mpi_fast and buf.dtype == self._storage and buf.nbytes < self._small
+                and buf.ndim == 1 and buf.flags.c_contiguous and buf.size <= self._max):
+            # The latency path, kept short: every microsecond shows at 4 KiB.
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return
         if buf.dtype != self._storage or buf.ndim != 1 or not buf.flags.c_contiguous:
             if not (self.config.dtype == "bfloat16" and buf.dtype == np.uint16):
                 raise CommError(
@@ -236,13 +254,14 @@ class Allreducer:
         algorithm = self.config.algorithm
         if algorithm != "auto":
             return algorithm
-        if self.size == 2:
-            return "doubling"  # one message each way per segment; as little traffic as the ring
-        if nbytes >= self.config.small_threshold_bytes:
-            return "ring"
-        if not self.config.compressed:
+        if self.config.compressed:  # MPI cannot add 16-bit values in float32
+            small = nbytes < self.config.small_threshold_bytes and is_power_of_two(self.size)
+            return "doubling" if small else "ring"
+        if nbytes < self.config.small_threshold_bytes:
             return "mpi"
-        return "doubling" if is_power_of_two(self.size) else "ring"  # mpi cannot decompress
+        if self.size == 2 and nbytes <= self.config.segment_bytes:
+            return "doubling"  # one Sendrecv and one add: the fewest steps, no dependencies
+        return "ring"
 
     # -- internals ------------------------------------------------------------------------------
     def _reduce(self, wire: np.ndarray) -> None:
