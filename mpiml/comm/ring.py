@@ -29,6 +29,8 @@ caller so the hot path allocates nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 from mpi4py import MPI
 
@@ -98,3 +100,142 @@ def ring_allreduce(comm: MPI.Comm, buf: np.ndarray, scratch: np.ndarray | None =
         np.add(target, incoming, out=target)
     for step in range(size - 1):  # allgather
         comm.Sendrecv(chunk(rank + 1 - step), right, _TAG, chunk(rank - step), left, _TAG)
+
+
+# -- the pipelined ring ---------------------------------------------------------------------
+#
+# The same schedule as `ring_allreduce`, cut finer: every chunk is split into segments of at
+# most `segment` elements, and each segment travels the 2(N-1) steps on its own. Step t (0-based;
+# t < N-1 is reduce-scatter, the rest allgather) sends chunk (r - t) mod N and receives chunk
+# (r - t - 1) mod N, the chunk the next step sends. So as soon as segment j of step t has
+# arrived (and been added), segment j of step t+1 can leave, while segment j+1 of step t is
+# still on its way:
+#
+#     time ->     seg 0            seg 1            seg 2
+#     step 0   recv, add  ---->  recv, add  ---->  recv, add
+#     step 1        send, recv(, add) -> send, recv(, add) -> ...
+#
+# Three things come of it. The add of a segment overlaps the transfer of the next one (the
+# peer copies while we add); the allgather of early segments overlaps the reduce-scatter of
+# late ones; and a segment that was just received and added is still in cache when it is sent
+# on. For the cache to help, reduce-scatter receives go into a small ring of `window` scratch
+# slots and at most `window` of them are posted at a time: posting all of them at once lets
+# MPI land the whole chunk in scratch long before we add it, and scratch falls out of cache
+# (measured at N=2, 64 MiB, in one run: 11.3 ms with every receive posted up front, 8.4 ms
+# with a window of 2).
+#
+# Allgather data goes straight into `buf`; before posting that receive we wait for our own
+# earlier send out of the same place (step t+2-N, same segment), as MPI requires. Each step
+# has its own tag, and within a step both sides post segments in the same order with the same
+# lengths, so messages match even though receives run ahead of sends by up to `window`.
+#
+# Every finished segment is combined by exactly one rank (its chunk's owner after the last
+# reduce-scatter step) and then only copied, so all ranks hold the same bits.
+
+Combine = Callable[[np.ndarray, np.ndarray, bool], None]
+_STEP_TAG = 0x100  # step t of the pipelined ring uses tag _STEP_TAG + t
+DEFAULT_WINDOW = 2
+
+
+def add_into(target: np.ndarray, incoming: np.ndarray, last: bool) -> None:
+    """Default combine: target += incoming, in target's dtype."""
+    np.add(target, incoming, out=target)
+
+
+def segment_bounds(length: int, size: int, segment: int) -> list[list[tuple[int, int]]]:
+    """For each of `size` chunks of a `length` buffer, its segments as (start, stop) pairs.
+
+    An empty chunk (length < size) still gets one empty segment, so every step sends one
+    message per segment on both sides.
+    """
+    offsets = chunk_offsets(length, size).tolist()
+    bounds = []
+    for c in range(size):
+        lo, hi = offsets[c], offsets[c + 1]
+        bounds.append([(a, min(a + segment, hi)) for a in range(lo, hi, segment)] or [(lo, hi)])
+    return bounds
+
+
+def pipelined_scratch_length(bounds: Sequence[Sequence[tuple[int, int]]],
+                             window: int = DEFAULT_WINDOW) -> int:
+    """Elements of scratch `pipelined_ring_allreduce` needs for this layout."""
+    longest = max(b - a for chunk in bounds for a, b in chunk)
+    return window * longest
+
+
+def pipelined_ring_allreduce(
+    comm: MPI.Comm,
+    buf: np.ndarray,
+    scratch: np.ndarray,
+    bounds: Sequence[Sequence[tuple[int, int]]],
+    combine: Combine = add_into,
+    window: int = DEFAULT_WINDOW,
+) -> None:
+    """Sum `buf` across `comm` in place with the segmented, pipelined ring described above.
+
+    `bounds` is `segment_bounds(buf.size, comm.size, segment)` (callers cache it per length);
+    `scratch` holds `window` segments (`pipelined_scratch_length`) of `buf`'s dtype.
+    `combine(target, incoming, last)` folds a received segment into ours; `last` is True on
+    the final reduce-scatter step, where the caller may also scale (averaging) or round.
+    No argument checks: this is the hot path, `Allreducer` validates once.
+    """
+    size = comm.Get_size()
+    if size == 1:
+        return
+    rank = comm.Get_rank()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    steps = 2 * (size - 1)
+    last_rs = size - 2
+    nseg = len(bounds[0])  # chunk 0 is the longest, so it has the most segments
+    slot = max(b - a for a, b in bounds[0])
+    isend, irecv = comm.Isend, comm.Irecv
+
+    def recv_chunk(t: int) -> Sequence[tuple[int, int]]:
+        return bounds[(rank - t - 1) % size]
+
+    # Reduce-scatter receives, in the order we consume them: (step, segment, start, stop).
+    rs_queue = [(t, j, a, b) for t in range(size - 1) for j, (a, b) in enumerate(recv_chunk(t))]
+    rs_reqs: list[MPI.Request] = [MPI.REQUEST_NULL] * len(rs_queue)
+
+    def post_rs(k: int) -> None:
+        if k < len(rs_queue):
+            t, _, a, b = rs_queue[k]
+            o = (k % window) * slot
+            rs_reqs[k] = irecv(scratch[o:o + b - a], left, _STEP_TAG + t)
+
+    sends: list[list[MPI.Request]] = [[MPI.REQUEST_NULL] * nseg for _ in range(steps)]
+    ag_reqs: list[MPI.Request] = [MPI.REQUEST_NULL] * nseg
+
+    def post_send(t: int, j: int) -> None:
+        chunk = bounds[(rank - t) % size]
+        if j < len(chunk):
+            a, b = chunk[j]
+            sends[t][j] = isend(buf[a:b], right, _STEP_TAG + t)
+
+    for k in range(window):
+        post_rs(k)
+    for j in range(nseg):
+        post_send(0, j)
+    k = 0  # next reduce-scatter receive to consume
+    for t in range(steps):
+        chunk = recv_chunk(t)
+        for j in range(nseg):
+            if j < len(chunk):
+                if t <= last_rs:
+                    rs_reqs[k].Wait()
+                    a, b = chunk[j]
+                    o = (k % window) * slot
+                    combine(buf[a:b], scratch[o:o + b - a], t == last_rs)
+                    post_rs(k + window)
+                    k += 1
+                else:
+                    ag_reqs[j].Wait()
+            if t + 1 < steps:
+                if t + 1 > last_rs:  # allgather: receive in place, once our send left it
+                    nxt = recv_chunk(t + 1)
+                    if j < len(nxt):
+                        sends[t + 2 - size][j].Wait()
+                        a, b = nxt[j]
+                        ag_reqs[j] = irecv(buf[a:b], left, _STEP_TAG + t + 1)
+                post_send(t + 1, j)
+    MPI.Request.Waitall([r for row in sends for r in row])

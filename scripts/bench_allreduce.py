@@ -1,0 +1,220 @@
+"""Allreduce side by side: mpiml's Allreducer, MPI's own Allreduce and torch.distributed gloo.
+
+    mpiexec -n 2 python scripts/bench_allreduce.py [--sizes 4K,64K,1M] [--repeats 50]
+        [--out bench.json] [--ring-segments 256K,1M] [--no-gloo]
+
+For each float32 size, every candidate runs on the *same* preallocated buffer (gloo through a
+torch view of it), interleaved within each repeat in a random order (the same on every rank) so that background load
+hits all of them alike. A repeat is: barrier, time one call on every rank, keep the slowest
+rank's time. Reported: the median over repeats (after warmup), algorithm bandwidth
+(bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of a ring) and the ratios
+mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpi" is `Allreduce(IN_PLACE, buf)`, the
+same in-place contract as mpiml; "mpi_out" is `Allreduce(buf, out)` into a second preallocated
+buffer; `ratio_vs_mpi` compares mpiml against the faster of the two.
+
+Rank 0 prints one JSON document on stdout (and writes it to --out). Buffers hold zeros while
+timed, so repeated in-place sums neither overflow nor hit denormals; each candidate's result is
+checked against MPI's on random data before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mpi4py import MPI  # the benchmark measures MPI itself; the library keeps it in mpiml.comm
+
+from mpiml.comm.allreduce import (
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_SMALL_THRESHOLD_BYTES,
+    Allreducer,
+)
+from mpiml.comm.world import build_world, run_or_abort
+
+DEFAULT_SIZES = [4 << 10 << k for k in range(15)]  # 4 KiB .. 64 MiB, powers of two
+WARMUP = 3
+
+
+def parse_bytes(text: str) -> int:
+    """'4K', '1M', '65536' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def human(nbytes: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def init_gloo(comm: MPI.Comm) -> None:
+    """torch.distributed over gloo, rendezvous on a port rank 0 picked and broadcast."""
+    port = 0
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size())
+
+
+def candidates(comm: MPI.Comm, buf: np.ndarray, out: np.ndarray, reducers: dict[str, Allreducer],
+               gloo: bool) -> dict[str, Callable[[], None]]:
+    """Zero-argument calls, each one allreduce of `buf` (in place unless stated)."""
+    calls: dict[str, Callable[[], None]] = {name: (lambda r=r: r(buf)) for name, r in reducers.items()}
+    calls["mpi"] = lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    calls["mpi_out"] = lambda: comm.Allreduce(buf, out, op=MPI.SUM)
+    if gloo:
+        tensor = torch.from_numpy(buf)
+        calls["gloo"] = lambda: dist.all_reduce(tensor)
+    return calls
+
+
+def check_results(comm: MPI.Comm, buf: np.ndarray, calls: dict[str, Callable[[], None]],
+                  out: np.ndarray) -> None:
+    """Every candidate must give MPI's answer (to float32 rounding) on random data."""
+    data = np.random.default_rng(comm.Get_rank()).standard_normal(buf.size).astype(np.float32)
+    expected = np.empty_like(data)
+    comm.Allreduce(data, expected, op=MPI.SUM)
+    for name, call in calls.items():
+        np.copyto(buf, data)
+        call()
+        got = out if name == "mpi_out" else buf
+        if not np.allclose(got, expected, rtol=1e-5, atol=1e-5 * comm.Get_size()):
+            raise RuntimeError(f"{name} gave a wrong sum at {buf.nbytes} bytes")
+
+
+def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int
+              ) -> dict[str, float]:
+    """Median over repeats of the slowest rank's time per call, candidates interleaved."""
+    names = list(calls)
+    mine = np.zeros((len(names), repeats))
+    for rep in range(WARMUP + repeats):
+        # A fresh order each repeat, the same on every rank (seeded by the repeat): whatever a
+        # call leaves behind (gloo's threads wake up after it returns) lands on all candidates.
+        order = np.random.default_rng(rep).permutation(len(names))
+        for k in order:
+            call = calls[names[k]]
+            comm.Barrier()
+            t0 = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - t0
+            if rep >= WARMUP:
+                mine[k, rep - WARMUP] = elapsed
+    slowest = np.empty_like(mine)
+    comm.Allreduce(mine, slowest, op=MPI.MAX)
+    return {name: statistics.median(slowest[k]) for k, name in enumerate(names)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated byte sizes, e.g. 4K,1M,64M (default 4K..64M, x2)")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--segment-bytes", default=str(DEFAULT_SEGMENT_BYTES))
+    parser.add_argument("--threshold-bytes", default=str(DEFAULT_SMALL_THRESHOLD_BYTES))
+    parser.add_argument("--ring-segments", default="",
+                        help="extra ring candidates with these segment sizes, e.g. 256K,1M")
+    parser.add_argument("--no-gloo", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    sizes = [parse_bytes(s) for s in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
+    sizes = [s - s % 4 for s in sizes]
+    segment, threshold = parse_bytes(args.segment_bytes), parse_bytes(args.threshold_bytes)
+    world = build_world()
+    comm = world.comm
+    if not args.no_gloo:
+        init_gloo(comm)
+    max_elements = max(sizes) // 4
+    reducers = {
+        "mpiml": Allreducer(comm, max_elements, "float32", algorithm="auto",
+                            segment_bytes=segment, small_threshold_bytes=threshold),
+        "mpiml_ring": Allreducer(comm, max_elements, "float32", algorithm="ring",
+                                 segment_bytes=segment),
+    }
+    if world.size & (world.size - 1) == 0:
+        reducers["mpiml_doubling"] = Allreducer(comm, max_elements, "float32",
+                                                algorithm="doubling", segment_bytes=segment)
+    for text in filter(None, args.ring_segments.split(",")):
+        reducers[f"ring@{text}"] = Allreducer(comm, max_elements, "float32", algorithm="ring",
+                                              segment_bytes=parse_bytes(text))
+    big = np.zeros(max_elements, dtype=np.float32)
+    big_out = np.zeros_like(big)
+
+    n = world.size
+    results = []
+    for nbytes in sizes:
+        buf, out = big[: nbytes // 4], big_out[: nbytes // 4]
+        calls = candidates(comm, buf, out, reducers, not args.no_gloo)
+        check_results(comm, buf, calls, out)
+        buf.fill(0.0)
+        medians = time_size(comm, calls, args.repeats)
+        best_mpi = min(medians["mpi"], medians["mpi_out"])
+        entry = {
+            "bytes": nbytes,
+            "size": human(nbytes),
+            "auto_algorithm": reducers["mpiml"].algorithm_for(nbytes),
+            "median_us": {k: round(v * 1e6, 2) for k, v in medians.items()},
+            "algbw_GBps": {k: round(nbytes / v / 1e9, 3) for k, v in medians.items()},
+            "busbw_GBps": {k: round(nbytes / v / 1e9 * 2 * (n - 1) / n, 3)
+                           for k, v in medians.items()},
+            "ratio_vs_mpi": round(medians["mpiml"] / best_mpi, 3),
+            "ratio_ring_vs_mpi": round(medians["mpiml_ring"] / best_mpi, 3),
+        }
+        if "gloo" in medians:
+            entry["ratio_vs_gloo"] = round(medians["mpiml"] / medians["gloo"], 3)
+        results.append(entry)
+        if world.is_root:
+            print(f"{human(nbytes):>8}: mpiml {medians['mpiml'] * 1e6:9.1f} us, "
+                  f"mpi {medians['mpi'] * 1e6:9.1f} us, ratio {entry['ratio_vs_mpi']:.3f}",
+                  file=sys.stderr, flush=True)
+
+    if not args.no_gloo:
+        dist.destroy_process_group()
+    document = {
+        "benchmark": "allreduce",
+        "world_size": n,
+        "dtype": "float32",
+        "repeats": args.repeats,
+        "warmup": WARMUP,
+        "statistic": "median over repeats of the slowest rank's time per call",
+        "segment_bytes": segment,
+        "small_threshold_bytes": threshold,
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi4py": __import__("mpi4py").__version__,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "command": " ".join(["mpiexec", "-n", str(n), "python"] + sys.argv),
+        "results": results,
+    }
+    if world.is_root:
+        text = json.dumps(document, indent=1)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+    world.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_or_abort(main))

@@ -1,0 +1,202 @@
+"""`Allreducer` against a float64 numpy oracle, on every algorithm, dtype and wire type.
+
+Each rank fills its buffer from a seed of (rank, length); every rank regenerates all ranks'
+inputs to build the float64 reference sum. Results must also be bitwise identical on all ranks.
+
+Tolerances, elementwise, with S = sum over ranks of |x_r| and eps the unit roundoff (half an
+ulp at 1.0) of the type named:
+  float64, float32        (N + 1) * eps(type) * S     N-1 additions, then no rounding
+  half, float32 wire      eps(half) * S + (N + 1) * eps(float32) * S   one final rounding
+  half wire (compressed)  (N + 1) * eps(half) * S     a rounding after each of N-1 hops
+                                                      (+ the inputs' own rounding from float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from mpiml.comm.allreduce import Allreducer
+from mpiml.comm.ring import (
+    pipelined_ring_allreduce,
+    pipelined_scratch_length,
+    segment_bounds,
+)
+from mpiml.errors import CommError
+
+pytestmark = pytest.mark.mpi
+
+EPS = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+TINY_SEGMENT = 64  # bytes: a few hundred elements span many segments
+
+
+def lengths(size: int) -> list[int]:
+    """Empty, shorter than the world, around it, several tiny segments, and large and odd."""
+    return sorted({0, 1, max(size - 1, 0), size, size + 1, 37 * size + 5, 1_000_003})
+
+
+@functools.lru_cache(maxsize=64)
+def inputs(rank: int, length: int, dtype: str) -> np.ndarray:
+    """Rank `rank`'s input as float64 values exactly representable in `dtype` (read-only)."""
+    rng = np.random.default_rng([rank, length])
+    x = rng.standard_normal(length) * (rank + 1) + rank
+    if dtype == "float16":
+        x = x.astype(np.float16).astype(np.float64)
+    elif dtype == "bfloat16":
+        x = torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+    else:
+        x = x.astype(dtype).astype(np.float64)
+    x.flags.writeable = False
+    return x
+
+
+@functools.lru_cache(maxsize=32)
+def oracle(size: int, length: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """float64 sum of every rank's input, and the sum of their magnitudes."""
+    everyone = [inputs(r, length, dtype) for r in range(size)]
+    if not length:
+        return np.zeros(0), np.zeros(0)
+    return np.sum(everyone, axis=0), np.sum(np.abs(everyone), axis=0)
+
+
+def to_buffer(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The buffer a caller would pass: numpy array, or bfloat16 bits as int16."""
+    if dtype == "bfloat16":
+        return torch.tensor(values).to(torch.bfloat16).view(torch.int16).numpy()
+    return values.astype(dtype)
+
+
+def from_buffer(buf: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return torch.from_numpy(buf).view(torch.bfloat16).double().numpy()
+    return buf.astype(np.float64)
+
+
+def tolerance(dtype: str, wire: str | None, size: int, sum_abs: np.ndarray) -> np.ndarray:
+    wire_kind = wire or ("float32" if dtype in ("float16", "bfloat16") else dtype)
+    if wire_kind in ("float16", "bfloat16"):
+        return (size + 1) * EPS[wire_kind] * sum_abs
+    tol = (size + 1) * EPS[wire_kind] * sum_abs
+    if dtype != wire_kind:  # one final rounding to the half type
+        tol = tol + EPS[dtype] * sum_abs
+    return tol
+
+
+def check(comm, reducer: Allreducer, dtype: str, wire: str | None, length: int,
+          average: bool = False) -> None:
+    size, rank = comm.Get_size(), comm.Get_rank()
+    buf = to_buffer(inputs(rank, length, dtype), dtype)
+    reducer(buf)
+    expected, sum_abs = oracle(size, length, dtype)
+    if average:
+        expected, sum_abs = expected / size, sum_abs / size
+    got = from_buffer(buf, dtype)
+    err = np.abs(got - expected)
+    tol = tolerance(dtype, wire, size, sum_abs)
+    where = (f"{reducer.config.algorithm}/{dtype}/wire={wire}/seg={reducer.config.segment_bytes}"
+             f" length {length}")
+    assert np.all(err <= tol), f"{where}: worst error {np.max(err - tol)} over tolerance"
+    # The bytes themselves for short buffers, a SHA-256 of them for long ones.
+    mine = buf.tobytes() if buf.nbytes <= 4096 else hashlib.sha256(buf.tobytes()).digest()
+    everyone_bytes = comm.allgather(mine)
+    assert all(b == everyone_bytes[0] for b in everyone_bytes), f"{where}: ranks differ"
+
+
+CASES = [  # (algorithm, dtype, wire)
+    *[(alg, dt, None) for alg in ("ring", "doubling", "mpi", "auto")
+      for dt in ("float32", "float64", "float16", "bfloat16")],
+    *[(alg, dt, dt) for alg in ("ring", "doubling", "auto") for dt in ("float16", "bfloat16")],
+    *[(alg, "float32", w) for alg in ("ring", "doubling", "auto") for w in ("float16", "bfloat16")],
+]
+
+
+@pytest.mark.parametrize("algorithm,dtype,wire", CASES)
+def test_matches_float64_sum_and_is_identical_everywhere(comm, algorithm, dtype, wire):
+    size = comm.Get_size()
+    if algorithm == "doubling" and size & (size - 1):
+        with pytest.raises(CommError, match="power-of-two"):
+            Allreducer(comm, 10, dtype, algorithm=algorithm, wire=wire)
+        return
+    big = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire)
+    tiny = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire,
+                      segment_bytes=TINY_SEGMENT, small_threshold_bytes=0)
+    for length in lengths(size):
+        check(comm, big, dtype, wire, length)
+        if length < 1000:  # many segments per chunk, and "auto" forced onto the ring
+            check(comm, tiny, dtype, wire, length)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_average(comm, algorithm, dtype):
+    reducer = Allreducer(comm, 5000, dtype, algorithm=algorithm, average=True,
+                         segment_bytes=TINY_SEGMENT * 16)
+    for length in (1, comm.Get_size() + 1, 4099):
+        check(comm, reducer, dtype, None, length, average=True)
+
+
+def test_bfloat16_bits_may_be_uint16(comm):
+    reducer = Allreducer(comm, 100, "bfloat16", algorithm="ring")
+    buf = to_buffer(inputs(comm.Get_rank(), 100, "bfloat16"), "bfloat16").view(np.uint16)
+    reducer(buf)
+    expected = sum(inputs(r, 100, "bfloat16") for r in range(comm.Get_size()))
+    np.testing.assert_allclose(from_buffer(buf.view(np.int16), "bfloat16"), expected,
+                               rtol=2 * EPS["bfloat16"], atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_pipelined_ring_other_windows(comm, window):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    for length in (size + 1, 1001):
+        bounds = segment_bounds(length, size, 7)
+        scratch = np.empty(pipelined_scratch_length(bounds, window), dtype=np.float64)
+        buf = inputs(rank, length, "float64").copy()
+        pipelined_ring_allreduce(comm, buf, scratch, bounds, window=window)
+        expected = sum(inputs(r, length, "float64") for r in range(size))
+        np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "ring"])
+@pytest.mark.parametrize("dtype,wire", [("float32", None), ("bfloat16", None),
+                                        ("float16", "float16"), ("float32", "bfloat16")])
+def test_hot_path_allocates_no_array(comm, algorithm, dtype, wire):
+    """After a first call, a call on a 4 MB buffer allocates under 64 KiB in Python/numpy."""
+    n = 1_000_003
+    reducer = Allreducer(comm, n, dtype, algorithm=algorithm, wire=wire)
+    buf = to_buffer(inputs(comm.Get_rank(), n, dtype), dtype)
+    reducer(buf)  # first call caches the segment layout for this length
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        reducer(buf)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 64 * 1024, f"a call allocated {peak - before} bytes"
+
+
+def test_misuse_is_an_error(comm):
+    reducer = Allreducer(comm, 10, "float32")
+    with pytest.raises(CommError, match="max_elements"):
+        reducer(np.zeros(11, dtype=np.float32))
+    with pytest.raises(CommError, match="float64"):
+        reducer(np.zeros(5, dtype=np.float64))
+    with pytest.raises(CommError, match="algorithm"):
+        Allreducer(comm, 10, algorithm="tree")
+    with pytest.raises(CommError, match="wire"):
+        Allreducer(comm, 10, "float64", wire="float16")
+    with pytest.raises(CommError, match="compression"):
+        Allreducer(comm, 10, "float16", algorithm="mpi", wire="float16")
+
+
+def test_ranks_configured_differently_fail_together(comm):
+    if comm.Get_size() == 1:
+        pytest.skip("needs two ranks to disagree")
+    with pytest.raises(CommError, match="rank 0"):
+        Allreducer(comm, 10 + comm.Get_rank(), "float32")
