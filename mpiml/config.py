@@ -139,12 +139,18 @@ class OptimConfig:
 class CommConfig:
     """How gradients are synchronised."""
 
-    algorithm: Literal["auto", "ring", "mpi"] = "auto"  # mpi: MPI's own Allreduce, to compare
+    # auto: MPI's Allreduce below 1 MiB, our pipelined ring (or, at 2 ranks, one exchange)
+    # above; ring: always ours; mpi: always MPI's own, to compare and as a fallback
+    algorithm: Literal["auto", "ring", "mpi"] = "auto"
+    compression: Literal["none", "fp16", "bf16"] = "none"  # 16-bit wire, summed in float32
     bucket_mb: float = 4.0  # gradients are fused into buckets of about this size
     overlap: bool = True  # start each bucket's allreduce during backward
 
     def __post_init__(self) -> None:
         _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "a number > 0")
+        _require(self.compression == "none" or self.algorithm != "mpi", "comm.compression",
+                 self.compression, "'none' when comm.algorithm is 'mpi' (MPI cannot add 16-bit "
+                 "values in float32)")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class Trainer:
         self.model = world.run_together(lambda: build_model(
             cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
-                             cfg.comm.algorithm)
+                             cfg.comm.algorithm, cfg.comm.compression)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         self.step = 0

@@ -4,10 +4,10 @@
         [--out bench.json] [--ring-segments 256K,1M] [--no-gloo]
 
 For each float32 size, every candidate runs on the *same* preallocated buffer (gloo through a
-torch view of it), interleaved within each repeat in a random order (the same on every rank) so that background load
-hits all of them alike. A repeat is: barrier, time one call on every rank, keep the slowest
-rank's time. Reported: the median over repeats (after warmup), algorithm bandwidth
-(bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of a ring) and the ratios
+torch view of it), interleaved within each repeat in a random order (the same on every rank)
+so that background load hits all of them alike. A repeat is: barrier, time one call on every
+rank, keep the slowest rank's time. Reported: the median over repeats (after warmup),
+algorithm bandwidth (bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of a ring) and the ratios
 mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpi" is `Allreduce(IN_PLACE, buf)`, the
 same in-place contract as mpiml; "mpi_out" is `Allreduce(buf, out)` into a second preallocated
 buffer; `ratio_vs_mpi` compares mpiml against the faster of the two.
@@ -77,7 +77,8 @@ def init_gloo(comm: MPI.Comm) -> None:
 def candidates(comm: MPI.Comm, buf: np.ndarray, out: np.ndarray, reducers: dict[str, Allreducer],
                gloo: bool) -> dict[str, Callable[[], None]]:
     """Zero-argument calls, each one allreduce of `buf` (in place unless stated)."""
-    calls: dict[str, Callable[[], None]] = {name: (lambda r=r: r(buf)) for name, r in reducers.items()}
+    calls: dict[str, Callable[[], None]] = {
+        name: (lambda r=r: r(buf)) for name, r in reducers.items()}
     calls["mpi"] = lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     calls["mpi_out"] = lambda: comm.Allreduce(buf, out, op=MPI.SUM)
     if gloo:

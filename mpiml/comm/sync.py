@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpiml.comm.ring import ring_allreduce, scratch_length
+from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.world import World
 from mpiml.errors import CommError
 
-# Below this size MPI's latency-optimised Allreduce beats the ring's 2(N-1) Python-level steps.
-SMALL_BYTES = 256 * 1024
+_KIND = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+         torch.bfloat16: "bfloat16"}
+_WIRE = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -103,7 +104,8 @@ class GradSync:
     """Averages gradients across the world; `finish()` after backward, before the step."""
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
-                 overlap: bool = True, algorithm: str = "auto") -> None:
+                 overlap: bool = True, algorithm: str = "auto",
+                 compression: str = "none") -> None:
         self.world = world
         self.size = world.size
         self.overlap = overlap and world.size > 1
@@ -116,11 +118,7 @@ class GradSync:
         self.comm: MPI.Comm = world.comm.Dup()  # ours alone: the thread's traffic never mixes
         self.buckets = self._build_buckets(module, int(bucket_mb * 2**20))
         self._next = 0  # index of the next bucket to launch: launches go strictly in order
-        longest = max((b.buffer.numel() for b in self.buckets), default=0)
-        self._scratch = {
-            dtype: np.empty(scratch_length(longest, self.size), dtype=np.dtype(dtype))
-            for dtype in {numpy_view(b.buffer).dtype.str for b in self.buckets}
-        }
+        self._reducers = self._build_reducers(algorithm, compression)
         self._executor = ThreadPoolExecutor(1, "mpiml-comm") if self.overlap else None
         if self.overlap:
             for bucket in self.buckets:
@@ -153,6 +151,22 @@ class GradSync:
         layout = [(b.buffer.numel(), str(b.buffer.dtype)) for b in buckets]
         self.world.check_same("gradient bucket layout", layout)
         return buckets
+
+    def _build_reducers(self, algorithm: str, compression: str) -> dict[torch.dtype, Allreducer]:
+        """One Allreducer per gradient dtype, sized for its largest bucket, built once."""
+        reducers = {}
+        for dtype in sorted({b.buffer.dtype for b in self.buckets}, key=str):
+            if dtype not in _KIND:
+                raise CommError(f"gradients of dtype {dtype} cannot be synchronised; use "
+                                f"one of {', '.join(map(str, _KIND))}").agreed()
+            longest = max(b.buffer.numel() for b in self.buckets if b.buffer.dtype == dtype)
+            wire = _WIRE[compression]
+            if dtype == torch.float64 and wire is not None:
+                raise CommError(f"comm.compression = {compression!r} does not apply to float64 "
+                                "gradients; use comm.compression: none").agreed()
+            reducers[dtype] = Allreducer(self.comm, longest, _KIND[dtype], algorithm=algorithm,
+                                         wire=wire, average=True)
+        return reducers
 
     def zero_grad(self) -> None:
         """Zero every gradient and point each `.grad` at its slot in the bucket."""
@@ -208,15 +222,7 @@ class GradSync:
 
     def _reduce(self, bucket: _Bucket) -> None:
         start = time.perf_counter()
-        buf = numpy_view(bucket.buffer)
-        if self.size > 1:
-            use_mpi = self.algorithm == "mpi" or (
-                self.algorithm == "auto" and buf.nbytes < SMALL_BYTES)
-            if use_mpi:
-                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            else:
-                ring_allreduce(self.comm, buf, self._scratch[buf.dtype.str])
-            bucket.buffer.mul_(1.0 / self.size)
+        self._reducers[bucket.buffer.dtype](numpy_view(bucket.buffer))  # averages in place
         self.stats.comm_s += time.perf_counter() - start
         self.stats.calls += 1
 
@@ -247,6 +253,8 @@ class GradSync:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        for reducer in self._reducers.values():
+            reducer.close()
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()
         self.comm = MPI.COMM_NULL
