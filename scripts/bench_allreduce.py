@@ -7,7 +7,8 @@ For each float32 size, every candidate runs on the *same* preallocated buffer (g
 torch view of it), interleaved within each repeat in a random order (the same on every rank)
 so that background load hits all of them alike. A repeat is: barrier, time one call on every
 rank, keep the slowest rank's time. Reported: the median over repeats (after warmup),
-algorithm bandwidth (bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of a ring) and the ratios
+algorithm bandwidth (bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of
+a ring) and the ratios
 mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpi" is `Allreduce(IN_PLACE, buf)`, the
 same in-place contract as mpiml; "mpi_out" is `Allreduce(buf, out)` into a second preallocated
 buffer; `ratio_vs_mpi` compares mpiml against the faster of the two.
