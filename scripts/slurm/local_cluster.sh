@@ -12,12 +12,15 @@
 #   MPIML_SLURM_DIR       state directory            [/tmp/mpiml-slurm]
 #   MPIML_SLURM_PORT      slurmctld port; slurmd uses the next one   [6817]
 #   MPIML_SLURM_TIMEOUT   seconds to wait for the node to become idle [60]
+#   MPIML_SLURM_CRED_EXPIRE  job credential lifetime; also how long a requeued job waits
+#                         before it may start again (Slurm's default is 120 s)  [10]
 # The client commands (sinfo, sbatch, srun, scontrol) find this cluster through SLURM_CONF.
 set -euo pipefail
 
 STATE=${MPIML_SLURM_DIR:-/tmp/mpiml-slurm}
 PORT=${MPIML_SLURM_PORT:-6817}
 TIMEOUT=${MPIML_SLURM_TIMEOUT:-60}
+CRED_EXPIRE=${MPIML_SLURM_CRED_EXPIRE:-10}
 CONF=$STATE/etc/slurm.conf
 MUNGE_DIR=$STATE/munge
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket.2
@@ -66,7 +69,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -165,7 +168,7 @@ cmd_stop() {
         local jobs
         jobs=$(squeue -h -o '%i' 2>/dev/null || true)
         if [[ -n $jobs ]]; then
-            log "cancelling jobs: $(echo $jobs)"
+            log "cancelling jobs: $(tr '\n' ' ' <<<"$jobs")"
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
             for _ in $(seq 30); do
