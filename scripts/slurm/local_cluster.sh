@@ -85,6 +85,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 SchedulerType=sched/backfill
+# Look at pending jobs every few seconds, so a requeued job restarts soon after it may.
+SchedulerParameters=sched_interval=5,bf_interval=5
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

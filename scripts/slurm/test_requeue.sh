@@ -33,7 +33,7 @@ export CONFIG
 JOB=
 OUT=
 say() { echo "test_requeue: $*"; }
-words() { tr '\n' ' ' <<<"$1"; }  # one line from a list
+words() { paste -sd' ' <<<"$1"; }  # one line from a list
 
 cleanup() {
     local rc=$?
