@@ -80,7 +80,9 @@ def _advice(variable: str, mpi_library: str | None) -> str:
         cause = "Open MPI's mpirun started the tasks but mpi4py uses another MPI"
     else:
         cause = "A PMI launcher started the tasks but mpi4py's MPI did not join it"
-    where = f"mpi4py uses {mpi_library.splitlines()[0].strip()}" if mpi_library else (
+    # "Open MPI v5.0.11, package: ..." -> "Open MPI v5.0.11"; "MPICH Version:   5.0.2\n..." too.
+    name = " ".join(mpi_library.splitlines()[0].split(",")[0].split()) if mpi_library else ""
+    where = f"mpi4py uses {name}" if name else (
         "check which MPI mpi4py uses with `python -c 'from mpi4py import MPI; "
         "print(MPI.Get_library_version())'`"
     )
