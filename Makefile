@@ -7,7 +7,7 @@ CONFIG ?= configs/digits_mlp.yaml
 # The CPU build lies on disk here; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-slurm lint bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ train: install
 test: install
 	$(PY) -m ruff check mpiml tests scripts
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+# Checkpoint-and-requeue on a real one-node Slurm cluster (needs root or sudo; installs
+# slurm-wlm and munge with apt when missing; about a minute).
+test-slurm: install
+	MPIML_PYTHON="$(CURDIR)/$(PY)" scripts/slurm/test_requeue.sh $(CONFIG)
 
 lint: install
 	$(PY) -m ruff check mpiml tests scripts
