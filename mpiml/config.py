@@ -120,7 +120,8 @@ class OptimConfig:
     lr: float = 0.1  # peak learning rate, before lr_scaling
     # multiply lr by the number of ranks (linear, Goyal et al.) or its square root (sqrt)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    # after warmup: constant; cosine decays to 0 at the last step; step multiplies by step_gamma
+    # after warmup: constant; cosine falls along half a cosine to 0 when training ends (the
+    # last step still has a small lr); step multiplies by step_gamma every step_every steps
     schedule: Literal["constant", "cosine", "step"] = "constant"
     warmup_steps: int = 0  # step k < warmup_steps uses lr x (k+1)/warmup_steps
     step_every: int = 1000  # step schedule: lr x step_gamma^(step // step_every), from step 0
