@@ -21,7 +21,8 @@ from mpiml.checkpoint import prune_checkpoints, save_checkpoint
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
 from mpiml.config import Config, dump_config
-from mpiml.data import Dataset, ShardedLoader, build_dataset, eval_shard
+from mpiml.data import Dataset, ShardedLoader, build_dataset
+from mpiml.evaluation import eval_batch_size, evaluate_model
 from mpiml.models import build_model
 from mpiml.optim import PartStepper, build_optimizer, build_scheduler
 from mpiml.runlog import RunLog
@@ -191,23 +192,16 @@ class Trainer:
         self.log.print(f"epoch {self.epoch:>3}  step {self.step:>6}  loss {loss:.4f}  "
                        f"{rate:,.0f} samples/s")
 
-    @torch.no_grad()
     def evaluate(self) -> None:
         """Each rank evaluates its share of the held-out split; sums and counts are reduced."""
-        self.model.eval()
-        totals = np.zeros(3)  # loss sum, correct, samples
-        for x, y in eval_shard(self.dataset.eval, self.world.rank, self.world.size,
-                               max(256, self.cfg.data.batch_size)):
-            logits = self.model(x)
-            totals += (float(F.cross_entropy(logits, y, reduction="sum")),
-                       float((logits.argmax(1) == y).sum()), len(y))
-        loss_sum, correct, count = self.world.allreduce_sum(totals)
-        if count == 0:
+        result = evaluate_model(self.model, self.dataset.eval, self.world,
+                                eval_batch_size(self.cfg.data.batch_size))
+        if result is None:
             return
-        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(loss_sum / count, 6),
-                        eval_accuracy=round(correct / count, 6))
-        self.log.print(f"epoch {self.epoch:>3}  eval loss {loss_sum / count:.4f}  "
-                       f"accuracy {correct / count:.2%}  ({int(count)} samples)")
+        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(result.loss, 6),
+                        eval_accuracy=round(result.accuracy, 6))
+        self.log.print(f"epoch {self.epoch:>3}  eval loss {result.loss:.4f}  "
+                       f"accuracy {result.accuracy:.2%}  ({result.samples} samples)")
 
     def maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every_steps
