@@ -198,8 +198,9 @@ class RunConfig:
 class LogConfig:
     """What rank 0 shows while the job runs, and where else it records the training records."""
 
-    # auto: a bar when the launcher's output is a terminal, plain lines when it goes to a file
-    # (a SLURM log); bar and lines force one; off prints only the start and end lines
+    # auto: a bar when the launcher's output is a terminal, plain lines (one per training
+    # record, with ETA) when it goes to a file such as a SLURM log; bar or lines force one; off
+    # shows neither (start, evaluation and checkpoint messages still print)
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     # also write TensorBoard event files to run.dir/tensorboard (pip install 'mpiml[tensorboard]')
     tensorboard: bool = False
