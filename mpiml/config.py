@@ -19,6 +19,9 @@ import yaml
 
 from mpiml.errors import ConfigError
 
+# The built-in models of mpiml.models (a test keeps the two lists equal).
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "transformer")
+
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
@@ -53,49 +56,76 @@ class TrainConfig:
 class DataConfig:
     """Which dataset, and the per-rank batch size (the global batch is world_size times it)."""
 
-    name: Literal["digits", "synthetic", "npy"] = "digits"
+    name: Literal["digits", "synthetic", "npy", "text", "custom"] = "digits"
     batch_size: int = 32  # per rank
     eval_fraction: float = 0.2  # held out when the dataset has no separate eval split
     split_seed: int = 0  # fixes the train/eval split independently of train.seed
+    prefetch: int = 2  # batches a background thread loads ahead of the step; 0 = no thread
+    num_classes: int | None = None  # npy, custom: labels are checked against it; null = infer
     # synthetic: Gaussian clusters, deterministic from train.seed
     samples: int = 4096
     features: int = 32
     classes: int = 4
     noise: float = 1.0
-    # npy: inputs and integer labels as .npy files, opened memory-mapped
+    # npy: a folder written by `python -m mpiml.data convert`, or a bare pair of .npy files;
+    # either way only the rows of each batch are read
+    path: str | None = None  # npy: folder of .npy files + mpiml-dataset.json, checked on open
     x_path: str | None = None
     y_path: str | None = None
     eval_x_path: str | None = None
     eval_y_path: str | None = None
+    # text: character-level language modelling on a UTF-8 file
+    text_path: str = "stdlib:pydoc_data.topics"  # text: a file, or stdlib:MODULE (its source)
+    block_size: int = 64  # text: characters per sample (the model's context length)
+    stride: int | None = None  # text: characters between sample starts; null = block_size
+    # custom: your own function returning arrays or a map-style dataset (see README)
+    function: str | None = None  # custom: 'package.module:function' called on every rank
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom: keyword arguments for it
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                  "a number in [0, 1)")
+        _require(self.prefetch >= 0, "data.prefetch", self.prefetch, "an integer >= 0")
+        _require(self.num_classes is None or self.num_classes >= 1, "data.num_classes",
+                 self.num_classes, "null or an integer >= 1")
         _require(self.samples >= 1, "data.samples", self.samples, "an integer >= 1")
         _require(self.features >= 1, "data.features", self.features, "an integer >= 1")
         _require(self.classes >= 2, "data.classes", self.classes, "an integer >= 2")
         _require(self.noise >= 0, "data.noise", self.noise, "a number >= 0")
+        _require(self.block_size >= 1, "data.block_size", self.block_size, "an integer >= 1")
+        _require(self.stride is None or self.stride >= 1, "data.stride", self.stride,
+                 "null or an integer >= 1")
         if self.name == "npy":
-            for key in ("x_path", "y_path"):
-                _require(getattr(self, key) is not None, f"data.{key}", None,
-                         "a path to a .npy file when data.name is 'npy'")
+            pair = self.x_path is not None or self.y_path is not None
+            _require(self.path is None or not pair, "data.path", self.path,
+                     "null when data.x_path/data.y_path are given (a folder or a pair, not both)")
+            if self.path is None:
+                for key in ("x_path", "y_path"):
+                    _require(getattr(self, key) is not None, f"data.{key}", None,
+                             "a path to a .npy file when data.name is 'npy' (or set data.path "
+                             "to a folder written by `python -m mpiml.data convert`)")
             _require((self.eval_x_path is None) == (self.eval_y_path is None),
                      "data.eval_x_path", self.eval_x_path,
                      "to be given together with data.eval_y_path, or both left out")
+        if self.name == "custom":
+            _require(self.function is not None and ":" in self.function
+                     and all(self.function.split(":")), "data.function", self.function,
+                     "'package.module:function' when data.name is 'custom'")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A built-in model ('mlp', 'cnn') or any 'package.module:Class' built with `kwargs`."""
+    """A built-in model or any 'package.module:Class' built with `kwargs`."""
 
-    name: str = "mlp"
+    name: str = "mlp"  # mlp, cnn, resnet, transformer (text), or 'package.module:Class'
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        builtin = self.name in ("mlp", "cnn")
+        builtin = self.name in BUILTIN_MODELS
         _require(builtin or (":" in self.name and all(self.name.split(":"))), "model.name",
-                 self.name, "'mlp', 'cnn' or 'package.module:Class'")
+                 self.name, ", ".join(repr(m) for m in BUILTIN_MODELS)
+                 + " or 'package.module:Class'")
 
 
 @dataclass(frozen=True)

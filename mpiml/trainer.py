@@ -44,6 +44,14 @@ def threads_per_rank(local_size: int, requested: int = 0) -> int:
     return max(1, total // max(1, local_size))
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy with classes on the last axis, for any leading shape: (batch, C) logits
+    with (batch,) labels, or (batch, T, V) with (batch, T) next tokens (a loss per position)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction=reduction)
+
+
 @dataclass
 class _Window:
     """What happened since the last training record, on this rank."""
@@ -71,9 +79,10 @@ class Trainer:
         self.micro_batches = cfg.train.accumulate_steps
         self.loader = world.run_together(lambda: ShardedLoader(
             self.dataset.train, cfg.data.batch_size * self.micro_batches, world.rank, world.size,
-            cfg.train.seed))
+            cfg.train.seed, prefetch=cfg.data.prefetch))
         self.model = world.run_together(lambda: build_model(
-            cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
+            cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes,
+            self.dataset.kind))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
                              cfg.comm.algorithm, cfg.comm.compression)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
@@ -153,7 +162,7 @@ class Trainer:
         for i, (xs, ys) in enumerate(pieces):
             last = i == len(pieces) - 1
             with nullcontext() if last else self.sync.no_sync():
-                loss = F.cross_entropy(self.model(xs), ys) * (len(ys) / len(y))
+                loss = cross_entropy(self.model(xs), ys) * (len(ys) / len(y))
                 loss.backward()  # bucket allreduces start from hooks as gradients get ready
             total += float(loss.detach())
         return total
@@ -192,8 +201,8 @@ class Trainer:
         for x, y in eval_shard(self.dataset.eval, self.world.rank, self.world.size,
                                max(256, self.cfg.data.batch_size)):
             logits = self.model(x)
-            totals += (float(F.cross_entropy(logits, y, reduction="sum")),
-                       float((logits.argmax(1) == y).sum()), len(y))
+            totals += (float(cross_entropy(logits, y, reduction="sum")),
+                       float((logits.argmax(-1) == y).sum()), y.numel())
         loss_sum, correct, count = self.world.allreduce_sum(totals)
         if count == 0:
             return
