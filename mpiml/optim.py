@@ -8,13 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from mpiml.config import OptimConfig
+from mpiml.config import OptimConfig, scaled_lr
 
-
-def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
-    """`lr` scaled for the world size as `lr_scaling` asks (the global batch grows with it)."""
-    factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
-    return cfg.lr * factor[cfg.lr_scaling]
+__all__ = ["build_optimizer", "build_scheduler", "scaled_lr"]
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter],

@@ -27,7 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def open_run_dir(log: RunLog, cfg: Config) -> None:
     try:
-        log.open(dump_config(cfg))
+        log.open(dump_config(cfg), tensorboard=cfg.log.tensorboard)
     except OSError as err:
         raise ConfigError(f"run.dir = {cfg.run.dir!r} cannot be written: {err.strerror or err}. "
                           "HINT: choose a writable folder with --set run.dir=PATH") from err

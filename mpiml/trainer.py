@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import mpiml
 from mpiml.checkpoint import prune_checkpoints, save_checkpoint
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
 from mpiml.config import Config, dump_config
-from mpiml.data import Dataset, ShardedLoader, build_dataset, eval_shard
+from mpiml.data import Dataset, ShardedLoader, build_dataset
+from mpiml.evaluation import eval_batch_size, evaluate_model
+from mpiml.losses import cross_entropy
 from mpiml.models import build_model
 from mpiml.optim import build_optimizer, build_scheduler
 from mpiml.runlog import RunLog
@@ -44,14 +45,6 @@ def threads_per_rank(local_size: int, requested: int = 0) -> int:
     return max(1, total // max(1, local_size))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                  reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy with classes on the last axis, for any leading shape: (batch, C) logits
-    with (batch,) labels, or (batch, T, V) with (batch, T) next tokens (a loss per position)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           reduction=reduction)
-
-
 @dataclass
 class _Window:
     """What happened since the last training record, on this rank."""
@@ -59,7 +52,8 @@ class _Window:
     loss_sum: float = 0.0
     samples: int = 0
     steps: int = 0
-    start: float = field(default_factory=time.perf_counter)
+    # Seconds per stage, summed over the window's steps. Only time inside steps counts, so
+    # evaluation, logging and checkpoints never inflate step_ms or deflate samples_per_s.
     times: dict[str, float] = field(
         default_factory=lambda: {"data": 0.0, "forward_backward": 0.0, "comm_exposed": 0.0,
                                  "optimizer": 0.0})
@@ -90,6 +84,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.last_saved_step = -1
+        self.last_lr = 0.0
         n_params = sum(p.numel() for p in self.model.parameters())
         log.print(f"mpiml {mpiml.__version__}: {world.size} rank(s), {self.threads} torch "
                   f"thread(s) per rank, model {cfg.model.name} ({n_params:,} parameters), "
@@ -101,6 +96,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg.train
+        progress = self.log.start_progress(self.cfg.log.progress, self.total_steps, self.step)
         window = _Window()
         for epoch in range(self.epoch, cfg.epochs):
             self.epoch = epoch
@@ -118,6 +114,7 @@ class Trainer:
                 self.optimizer_step()
                 t4 = time.perf_counter()
                 self.step += 1
+                progress.advance(self.step, self.epoch)
                 window.loss_sum += loss * len(batch[1])
                 window.samples += len(batch[1])
                 window.steps += 1
@@ -135,6 +132,7 @@ class Trainer:
                 self.evaluate()
             if self.done:
                 break
+        progress.close()
         self.save_checkpoint()
 
     @property
@@ -171,45 +169,51 @@ class Trainer:
         clip = self.cfg.optim.clip_grad_norm
         if clip is not None:  # gradients are averaged, so every rank clips identically
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses, for the log
         self.optimizer.step()
         self.scheduler.step()
         self.sync.zero_grad()
 
     def log_training(self, window: _Window) -> None:
-        """Record loss averaged over every rank's samples, and the slowest rank's step time."""
-        elapsed = time.perf_counter() - window.start
+        """Record loss averaged over every rank's samples, the stage times and the stragglers.
+
+        Steps are synchronised, so every rank's wall time per step is about the same: a slow
+        rank makes the others wait in `comm_exposed`. What tells the slow rank apart is its
+        *busy* time, the step without that wait; the record names the busiest rank.
+        """
+        steps = max(1, window.steps)
+        step_s = sum(window.times.values())
+        busy_s = step_s - window.times["comm_exposed"]
         sums = self.world.allreduce_sum(np.array([window.loss_sum, window.samples]))
-        slowest = self.world.allreduce_max(np.array([elapsed / max(1, window.steps)]))[0]
+        per_rank = self.world.allgather_object((step_s / steps, busy_s / steps))
+        slowest_rank = max(range(len(per_rank)), key=lambda r: per_rank[r][1])
         loss = sums[0] / max(1.0, sums[1])
-        rate = sums[1] / max(elapsed, 1e-9)  # global samples per second
+        # Global samples per second of training: the slowest rank's step time sets the pace.
+        rate = sums[1] / max(max(s for s, _ in per_rank) * steps, 1e-9)
         comm = self.sync.reset_stats()
-        per_step = {k: round(v / max(1, window.steps) * 1e3, 3) for k, v in window.times.items()}
+        ms = {k: round(v / steps * 1e3, 3) for k, v in window.times.items()}
         self.log.record(step=self.step, epoch=self.epoch, loss=round(float(loss), 6),
                         samples_per_s=round(float(rate), 1),
-                        step_ms=round(elapsed / max(1, window.steps) * 1e3, 3),
-                        slowest_step_ms=round(float(slowest) * 1e3, 3),
-                        comm_ms=round(comm.comm_s / max(1, window.steps) * 1e3, 3),
-                        breakdown_ms=per_step)
-        self.log.print(f"epoch {self.epoch:>3}  step {self.step:>6}  loss {loss:.4f}  "
-                       f"{rate:,.0f} samples/s")
+                        lr=float(f"{self.last_lr:.6g}"),
+                        step_ms=round(step_s / steps * 1e3, 3),
+                        slowest_step_ms=round(max(s for s, _ in per_rank) * 1e3, 3),
+                        comm_ms=round(comm.comm_s / steps * 1e3, 3),
+                        breakdown_ms=ms,
+                        busy_ms_max=round(per_rank[slowest_rank][1] * 1e3, 3),
+                        busy_ms_min=round(min(b for _, b in per_rank) * 1e3, 3),
+                        slowest_rank=slowest_rank)
+        self.log.progress.report(self.epoch, self.step, float(loss), float(rate))
 
-    @torch.no_grad()
     def evaluate(self) -> None:
         """Each rank evaluates its share of the held-out split; sums and counts are reduced."""
-        self.model.eval()
-        totals = np.zeros(3)  # loss sum, correct, samples
-        for x, y in eval_shard(self.dataset.eval, self.world.rank, self.world.size,
-                               max(256, self.cfg.data.batch_size)):
-            logits = self.model(x)
-            totals += (float(cross_entropy(logits, y, reduction="sum")),
-                       float((logits.argmax(-1) == y).sum()), y.numel())
-        loss_sum, correct, count = self.world.allreduce_sum(totals)
-        if count == 0:
+        result = evaluate_model(self.model, self.dataset.eval, self.world,
+                                eval_batch_size(self.cfg.data.batch_size))
+        if result is None:
             return
-        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(loss_sum / count, 6),
-                        eval_accuracy=round(correct / count, 6))
-        self.log.print(f"epoch {self.epoch:>3}  eval loss {loss_sum / count:.4f}  "
-                       f"accuracy {correct / count:.2%}  ({int(count)} samples)")
+        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(result.loss, 6),
+                        eval_accuracy=round(result.accuracy, 6))
+        self.log.print(f"epoch {self.epoch:>3}  eval loss {result.loss:.4f}  "
+                       f"accuracy {result.accuracy:.2%}  ({result.samples} samples)")
 
     def maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every_steps

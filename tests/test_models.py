@@ -10,8 +10,8 @@ import torch
 
 from mpiml.config import BUILTIN_MODELS
 from mpiml.errors import ConfigError
+from mpiml.losses import cross_entropy
 from mpiml.models import BUILTIN, build_model
-from mpiml.trainer import cross_entropy
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("mlp", (12,)),
