@@ -24,7 +24,7 @@ from mpiml.config import Config, dump_config
 from mpiml.data import Dataset, ShardedLoader, build_dataset
 from mpiml.evaluation import eval_batch_size, evaluate_model
 from mpiml.models import build_model
-from mpiml.optim import build_optimizer, build_scheduler
+from mpiml.optim import PartStepper, build_optimizer, build_scheduler
 from mpiml.runlog import RunLog
 
 
@@ -80,6 +80,10 @@ class Trainer:
                              cfg.comm.algorithm, cfg.comm.compression)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        # Without clipping (which needs every gradient first) each bucket is stepped as soon
+        # as its average arrives, while later buckets are still on the wire.
+        self.parts = (PartStepper(self.optimizer, [b.params for b in self.sync.buckets])
+                      if cfg.optim.clip_grad_norm is None else None)
         self.step = 0
         self.epoch = 0
         self.last_saved_step = -1
@@ -109,10 +113,11 @@ class Trainer:
                 t1 = time.perf_counter()
                 loss = self.forward_backward(*batch)
                 t2 = time.perf_counter()
-                self.sync.finish()
-                t3 = time.perf_counter()
+                exposed = self.sync.stats.exposed_s
+                self.sync.finish(self.parts.step if self.parts is not None else None)
                 self.optimizer_step()
                 t4 = time.perf_counter()
+                t3 = t2 + self.sync.stats.exposed_s - exposed  # the rest is optimizer work
                 self.step += 1
                 progress.advance(self.step, self.epoch)
                 window.loss_sum += loss * len(batch[1])
@@ -166,11 +171,13 @@ class Trainer:
         return total
 
     def optimizer_step(self) -> None:
-        clip = self.cfg.optim.clip_grad_norm
-        if clip is not None:  # gradients are averaged, so every rank clips identically
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        """Clip and step (unless `finish` stepped each bucket already), schedule, zero."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses, for the log
-        self.optimizer.step()
+        if self.parts is None:
+            clip = self.cfg.optim.clip_grad_norm
+            if clip is not None:  # gradients are averaged, so every rank clips identically
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+            self.optimizer.step()
         self.scheduler.step()
         self.sync.zero_grad()
 

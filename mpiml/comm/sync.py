@@ -19,7 +19,7 @@ while backward carries on with earlier layers. The optimizer waits only in `fini
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,7 +165,7 @@ class GradSync:
                 raise CommError(f"comm.compression = {compression!r} does not apply to float64 "
                                 "gradients; use comm.compression: none").agreed()
             reducers[dtype] = Allreducer(self.comm, longest, _KIND[dtype], algorithm=algorithm,
-                                         wire=wire, average=True)
+                                         wire=wire, average=True, polling=self.overlap)
         return reducers
 
     def zero_grad(self) -> None:
@@ -227,16 +227,27 @@ class GradSync:
         self.stats.calls += 1
 
     # -- completion ---------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Launch what backward left (unused parameters), wait for all, leave averages in .grad."""
+    def finish(self, bucket_done: Callable[[int], None] | None = None) -> None:
+        """Launch what backward left (unused parameters), wait for all, leave averages in .grad.
+
+        `bucket_done(i)`, if given, is called for each bucket in order as soon as its average
+        is in `.grad` (the parameters are `self.buckets[i].params`), while later buckets may
+        still be on the wire: the trainer steps the optimizer there, bucket by bucket.
+        Only the time spent waiting counts as exposed communication.
+        """
         start = time.perf_counter()
         for bucket in self.buckets[self._next :]:
             self._launch(bucket)
+        busy = 0.0
         for bucket in self.buckets:
             if bucket.future is not None:
                 bucket.future.result()  # re-raises a failure of the communication thread
                 bucket.future = None
-        self.stats.exposed_s += time.perf_counter() - start
+            if bucket_done is not None:
+                begin = time.perf_counter()
+                bucket_done(bucket.index)
+                busy += time.perf_counter() - begin
+        self.stats.exposed_s += time.perf_counter() - start - busy
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
         self._next = 0
