@@ -243,8 +243,15 @@ class LogConfig:
     # record, with ETA) when it goes to a file such as a SLURM log; bar or lines force one; off
     # shows neither (start, evaluation and checkpoint messages still print)
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    # lines: at most one line per this many seconds, plus the first record of each epoch and
+    # the last of the run (a log stays readable at any log_every); 0: a line per record
+    lines_every_s: float = 10.0
     # also write TensorBoard event files to run.dir/tensorboard (pip install 'mpiml[tensorboard]')
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.lines_every_s >= 0, "log.lines_every_s", self.lines_every_s,
+                 "a number >= 0")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg.train
-        progress = self.log.start_progress(self.cfg.log.progress, self.total_steps, self.step)
+        progress = self.log.start_progress(self.cfg.log.progress, self.total_steps, self.step,
+                                           self.cfg.log.lines_every_s)
         window = _Window()
         for epoch in range(self.epoch, cfg.epochs):
             self.epoch = epoch

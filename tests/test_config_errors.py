@@ -75,6 +75,7 @@ OUT_OF_RANGE = [
     ("checkpoint", {"every_steps": 0}, "every_steps", "null or an integer >= 1"),
     ("checkpoint", {"keep": 0}, "keep", "null or an integer >= 1"),
     ("run", {"dir": ""}, "dir", "a non-empty path"),
+    ("log", {"lines_every_s": -1.0}, "lines_every_s", "a number >= 0"),
 ]
 
 
