@@ -4,6 +4,10 @@ Validates a config exactly as `mpiml.train` would, but on a login node: no MPI i
 test makes sure), nothing is written. On success it prints the resolved config (every key, as
 YAML that `mpiml.train` accepts back) and what follows from it for N ranks; on error it prints
 the message naming the key and exits 2, the same code `mpiml.train` uses for bad input.
+
+With `--build` it also opens the dataset and builds the model, as every rank will (this imports
+torch): missing or malformed data files, a model that does not import or whose `model.kwargs`
+do not fit, and a training split too small for N ranks are caught before the job is queued.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from mpiml.config import Config, dump_config, load_config, scaled_lr
-from mpiml.errors import ConfigError
+from mpiml.errors import MpimlError
 
 EXIT_USAGE = 2  # as mpiml.comm.world.EXIT_USAGE, without importing MPI for it
 
@@ -32,6 +36,23 @@ def summary(cfg: Config, ranks: int) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
+def build(cfg: Config, ranks: int) -> str:
+    """Open the data and build the model as rank 0 of `ranks` would; describe what was built."""
+    from mpiml.data import ShardedLoader, build_dataset  # torch: only when asked
+    from mpiml.models import build_model
+
+    dataset = build_dataset(cfg.data, cfg.train.seed)
+    loader = ShardedLoader(dataset.train, cfg.data.batch_size * cfg.train.accumulate_steps, 0,
+                           ranks, cfg.train.seed)
+    model = build_model(cfg.model.name, cfg.model.kwargs, dataset.input_shape,
+                        dataset.num_classes)
+    params = sum(p.numel() for p in model.parameters())
+    return (f"# built: data {cfg.data.name} ({len(dataset.train):,} train / "
+            f"{len(dataset.eval):,} eval, inputs {tuple(dataset.input_shape)}, "
+            f"{dataset.num_classes} classes), {loader.steps_per_epoch} steps/epoch at "
+            f"{ranks} rank(s); model {cfg.model.name} ({params:,} parameters)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mpiml.check_config",
@@ -42,15 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override one config value (parsed as YAML); repeatable")
     parser.add_argument("--ranks", type=int, default=1, metavar="N",
                         help="world size to show the global batch and scaled lr for (default 1)")
+    parser.add_argument("--build", action="store_true",
+                        help="also open the dataset and build the model (imports torch)")
     args = parser.parse_args(argv)
     if args.ranks < 1:
         parser.error(f"--ranks {args.ranks}: expected an integer >= 1")
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"mpiml: ConfigError: {err}", file=sys.stderr)
+        built = build(cfg, args.ranks) if args.build else ""
+    except MpimlError as err:
+        print(f"mpiml: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    sys.stdout.write(f"# {args.config}: valid\n" + summary(cfg, args.ranks) + dump_config(cfg))
+    sys.stdout.write(f"# {args.config}: valid\n" + summary(cfg, args.ranks) + built
+                     + dump_config(cfg))
     return 0
 
 

@@ -106,14 +106,17 @@ class Progress:
     """
 
     def __init__(self, mode: str, total_steps: int, initial_step: int = 0,
-                 stream: TextIO | None = None, enabled: bool = True) -> None:
+                 stream: TextIO | None = None, enabled: bool = True,
+                 lines_every_s: float = 0.0) -> None:
         self.mode = mode if enabled else "off"
         self.enabled = enabled
         self.total = total_steps
         self.initial = initial_step
         self.step = initial_step
         self.stream = stream if stream is not None else sys.stdout
+        self.lines_every_s = lines_every_s
         self._start = time.perf_counter()
+        self._last_line: tuple[float, int] | None = None  # (time, epoch) of the last line
         self._bar = None
         if self.mode == "bar":
             from tqdm import tqdm
@@ -139,11 +142,19 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss {loss:.4f}, {samples_per_s:,.0f} samples/s",
                                       refresh=False)
-        elif self.mode == "lines":
+        elif self.mode == "lines" and self._line_due(epoch, step):
             eta = self.eta_seconds()
             self.write(f"epoch {epoch:>3}  step {step:>6}/{self.total}  loss {loss:.4f}  "
                        f"{samples_per_s:,.0f} samples/s  ETA "
                        + ("?" if eta is None else format_duration(eta)))
+
+    def _line_due(self, epoch: int, step: int) -> bool:
+        now = time.perf_counter()
+        due = (self._last_line is None or epoch != self._last_line[1] or step >= self.total
+               or now - self._last_line[0] >= self.lines_every_s)
+        if due:
+            self._last_line = (now, epoch)
+        return due
 
     def write(self, message: str) -> None:
         """Print one line (any mode but off on a non-root rank), above the bar if there is one."""

@@ -42,11 +42,13 @@ class RunLog:
             self._tensorboard = TensorBoardLog(self.run_dir / "tensorboard")
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
-    def start_progress(self, setting: str, total_steps: int, initial_step: int = 0) -> Progress:
+    def start_progress(self, setting: str, total_steps: int, initial_step: int = 0,
+                       lines_every_s: float = 0.0) -> Progress:
         """Begin showing progress ('auto', 'bar', 'lines' or 'off'; see mpiml.progress)."""
         self.progress.close()
         mode = choose_mode(setting, self.stream) if self.enabled else "off"
-        self.progress = Progress(mode, total_steps, initial_step, self.stream, self.enabled)
+        self.progress = Progress(mode, total_steps, initial_step, self.stream, self.enabled,
+                                 lines_every_s)
         return self.progress
 
     def print(self, message: str) -> None:

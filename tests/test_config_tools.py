@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from mpiml import config_doc
+from mpiml import check_config, config_doc
 from mpiml.config import config_from_dict, load_config
 
 from mpirun import REPO
@@ -66,3 +66,17 @@ def test_check_config_exits_2_naming_the_key():
     assert done.returncode == 2
     assert "optim.momentum = 1.5 is invalid: expected a number in [0, 1)" in done.stderr
     assert done.stdout == ""
+
+
+def test_check_config_build_catches_data_and_model_errors_before_queueing(capsys):
+    ok = _check("configs/digits_mlp.yaml", "--build", "--ranks", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert "# built: data digits (1,438 train / 359 eval" in ok.stdout
+    assert "22 steps/epoch at 2 rank(s); model mlp (85,002 parameters)" in ok.stdout
+    assert "'mpi4py'" not in ok.stderr.split("IMPORTED")[1]  # torch yes, MPI still no
+    assert check_config.main(["configs/digits_mlp.yaml", "--build", "--ranks", "64"]) == 2
+    assert "fewer than one global batch of 2048 (data.batch_size=32 x 64 ranks)" \
+        in capsys.readouterr().err
+    assert check_config.main(["configs/digits_mlp.yaml", "--build", "--set",
+                              "model.kwargs={widht: 3}"]) == 2
+    assert "unexpected keyword argument 'widht'" in capsys.readouterr().err

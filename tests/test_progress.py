@@ -66,6 +66,20 @@ def test_lines_mode_prints_epoch_step_loss_rate_and_eta():
     assert "\r" not in line and line.endswith("\n")
 
 
+def test_lines_are_throttled_but_each_epoch_and_the_end_show(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    out = FakeStream(False)
+    bar = Progress("lines", total_steps=8, stream=out, lines_every_s=10)
+    for step, epoch, t in [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 12.5), (5, 1, 13), (6, 1, 14),
+                           (7, 1, 15), (8, 1, 16)]:
+        now[0] = t
+        bar.report(epoch=epoch, step=step, loss=1.0, samples_per_s=1.0)
+    steps = [line.split()[3] for line in out.getvalue().splitlines()]
+    # step 1: the first; 4: 11.5 s after it; 5: a new epoch; 8: the last step
+    assert steps == ["1/8", "4/8", "5/8", "8/8"]
+
+
 def test_bar_mode_draws_a_bar_with_loss_and_rate():
     out = FakeStream(True)
     bar = Progress("bar", total_steps=50, stream=out)
