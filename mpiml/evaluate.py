@@ -44,7 +44,8 @@ def evaluate_checkpoint(world: World, path: str | Path, split: str = "eval",
     torch.set_num_threads(threads_per_rank(world.local_size, cfg.train.threads))
     dataset = world.run_together(lambda: build_dataset(cfg.data, cfg.train.seed))
     model = world.run_together(lambda: build_model(
-        cfg.model.name, cfg.model.kwargs, dataset.input_shape, dataset.num_classes))
+        cfg.model.name, cfg.model.kwargs, dataset.input_shape, dataset.num_classes,
+        dataset.kind))
 
     def load() -> None:
         state = load_tensors(folder, "model")
