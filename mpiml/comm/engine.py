@@ -415,6 +415,9 @@ class Engine:
         cross.Free()
         self.is_homogeneous = len(set(self.comm.allgather(self.local_size))) == 1
         self.thread_multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        # MPI initialised below THREAD_SERIALIZED allows MPI calls from one thread only: then
+        # asynchronous ops run at submission, on the caller's thread.
+        self.background = MPI.Query_thread() >= MPI.THREAD_SERIALIZED
         self.reducers = ops.ReducerCache(self.comm)
         self.calls = 0  # collectives performed: named in error messages
         # How the running op waits for MPI: spinning on the caller's thread, sleeping between
@@ -433,6 +436,12 @@ class Engine:
         """Queue `op` for the background thread; returns at once."""
         self._check_open()
         handle = Handle()
+        if not self.background:
+            try:
+                handle._finish(self.run(op))
+            except Exception as err:  # noqa: BLE001 - raised by handle.wait()
+                handle._finish(error=err)
+            return handle
         with self._lock:
             self._pending += 1
             if self._thread is None:
