@@ -469,10 +469,6 @@ class Engine:
             with self._lock:
                 self._pending -= 1
 
-    def idle(self) -> bool:
-        with self._lock:
-            return self._pending == 0
-
     def _loop(self) -> None:
         while True:
             item = self._queue.get()

@@ -106,7 +106,10 @@ class ReducerCache:
             capacity = n if reducer is None else max(n, 2 * reducer.config.max_elements)
             if reducer is not None:
                 reducer.close()
-            reducer = self._reducers[dtype] = Allreducer(self.comm, capacity, _RING_KIND[dtype])
+            # Polling waits: most large buffers are gradient buckets reduced on the engine's
+            # thread while backward runs on the same core (see ring.polling_wait).
+            reducer = self._reducers[dtype] = Allreducer(self.comm, capacity, _RING_KIND[dtype],
+                                                         polling=True)
         return reducer
 
     def close(self) -> None:
