@@ -102,3 +102,25 @@ def test_operations_before_init_raise_a_clear_error():
     finally:
         hvd.init()
     assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == hvd.size()
+
+
+def test_init_with_a_communicator_or_a_list_of_ranks():
+    from mpi4py import MPI
+
+    n, r = hvd.size(), hvd.rank()
+    hvd.shutdown()
+    halves = MPI.COMM_WORLD.Split(r % 2, r)
+    try:
+        hvd.init(comm=halves)
+        members = [k for k in range(n) if k % 2 == r % 2]
+        assert hvd.size() == len(members) and hvd.rank() == members.index(r)
+        got = hvd.allreduce(torch.tensor([float(r)]), op=hvd.Sum).item()
+        assert got == sum(members)
+        hvd.shutdown()
+        hvd.init(comm=list(range(n)))
+        assert (hvd.size(), hvd.rank()) == (n, r)
+    finally:
+        hvd.shutdown()
+        halves.Free()
+        hvd.init()
+    assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n
