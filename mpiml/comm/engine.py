@@ -71,6 +71,7 @@ def _bits(x: float) -> int:
 
 
 _ONE_BITS = struct.unpack("<q", struct.pack("<d", 1.0))[0]
+_ONE_DTYPE = {dtype: _crc([code]) for dtype, code in DTYPE_CODE.items()}  # one-tensor ops
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -133,7 +134,10 @@ class Allreduce(Collective):
             self.error = str(err)
 
     def fields(self) -> dict[int, int]:
-        return {F_DTYPE: _crc([DTYPE_CODE[t.dtype] for t in self.inputs]), F_OP: self.op,
+        inputs = self.inputs
+        dtypes = (_ONE_DTYPE[inputs[0].dtype] if len(inputs) == 1
+                  else _crc([DTYPE_CODE[t.dtype] for t in inputs]))
+        return {F_DTYPE: dtypes, F_OP: self.op,
                 F_NUMEL: sum(t.numel() for t in self.inputs), F_NDIM: self.inputs[0].dim(),
                 F_SHAPE: _crc([tuple(t.shape) for t in self.inputs]),
                 F_PRE: _bits(self.prescale), F_POST: _bits(self.postscale)}
@@ -144,6 +148,8 @@ class Allreduce(Collective):
                 "prescale factor": self.prescale, "postscale factor": self.postscale}
 
     def _groups(self) -> dict[torch.dtype, list[int]]:
+        if len(self.inputs) == 1:
+            return {self.inputs[0].dtype: [0]}
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(self.inputs):
             groups.setdefault(t.dtype, []).append(i)
@@ -495,6 +501,9 @@ class Engine:
     # -- performing ------------------------------------------------------------------------------
     def _exchange(self, sig: list[int]) -> np.ndarray:
         self.calls += 1
+        if self.size == 1:  # nothing to compare with (a local error still shows in the flag)
+            self._sigs[0] = sig
+            return self._sigs
         self._sig[:] = sig
         self.wait(self.comm.Iallgather(self._sig, self._sigs))
         return self._sigs
