@@ -9,6 +9,7 @@ class MpimlError(Exception):
     """
 
     shared: bool = False
+    exit_code: int = 2  # what the job exits with when every rank agreed on this error
 
     def agreed(self) -> "MpimlError":
         """Mark as a verdict every rank reached together (so the job may end cleanly)."""
@@ -30,3 +31,9 @@ class CheckpointError(MpimlError, RuntimeError):
 
 class CommError(MpimlError, RuntimeError):
     """Ranks disagree (layout, lengths, launcher) or a collective cannot proceed."""
+
+
+class NonFiniteLossError(MpimlError, FloatingPointError):
+    """The loss became NaN or infinite under `train.nonfinite: abort` (exit code 3)."""
+
+    exit_code = 3

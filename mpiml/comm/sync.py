@@ -230,12 +230,13 @@ class GradSync:
     def finish(self) -> None:
         """Launch what backward left (unused parameters), wait for all, leave averages in .grad."""
         start = time.perf_counter()
-        for bucket in self.buckets[self._next :]:
-            self._launch(bucket)
-        for bucket in self.buckets:
-            if bucket.future is not None:
-                bucket.future.result()  # re-raises a failure of the communication thread
-                bucket.future = None
+        with self.world.watch("gradient allreduce"):  # a dead peer stalls us here
+            for bucket in self.buckets[self._next :]:
+                self._launch(bucket)
+            for bucket in self.buckets:
+                if bucket.future is not None:
+                    bucket.future.result()  # re-raises a failure of the communication thread
+                    bucket.future = None
         self.stats.exposed_s += time.perf_counter() - start
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
