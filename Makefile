@@ -29,7 +29,7 @@ train: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" mpiexec -n $(NP) $(PY) -m mpiml.train $(CONFIG)
 
 test: install
-	$(PY) -m ruff check mpiml tests scripts
+	$(PY) -m ruff check mpiml tests scripts examples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 # Checkpoint-and-requeue on a real one-node Slurm cluster (needs root or sudo; installs
@@ -38,7 +38,7 @@ test-slurm: install
 	MPIML_PYTHON="$(CURDIR)/$(PY)" scripts/slurm/test_requeue.sh $(CONFIG)
 
 lint: install
-	$(PY) -m ruff check mpiml tests scripts
+	$(PY) -m ruff check mpiml tests scripts examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,21 +26,28 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
 
 
+# Every field carries its documentation as a trailing comment (or a comment block right above
+# it): `python -m mpiml.config_doc --write README.md` turns those into the README's reference,
+# and a test fails when a key has none or the README is stale.
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How long to train and how each rank runs."""
 
     seed: int = 0  # shuffling, initial weights (rank 0's are broadcast), synthetic data
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch
     accumulate_steps: int = 1  # micro-batches of data.batch_size per optimizer step and rank
-    log_every: int = 10  # optimizer steps between training records in metrics.jsonl
-    eval_every_epochs: int = 1
+    # optimizer steps between training records in metrics.jsonl (and progress lines)
+    log_every: int = 10
+    eval_every_epochs: int = 1  # epochs between evaluations; the last epoch is always evaluated
     threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node
-    # A NaN/inf loss on any rank: abort (exit 3) or skip the update (same choice on every rank)
+    # a NaN/inf loss on any rank: abort (exit 3) or skip the update, the same on every rank
     nonfinite: Literal["abort", "skip"] = "abort"
 
     def __post_init__(self) -> None:
+        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
                  self.max_steps, "null or an integer >= 1")
@@ -55,25 +63,26 @@ class TrainConfig:
 class DataConfig:
     """Which dataset, and the per-rank batch size (the global batch is world_size times it)."""
 
+    # digits: scikit-learn's 8x8 handwritten digits; synthetic: Gaussian clusters from
+    # train.seed; npy: your own arrays, memory-mapped
     name: Literal["digits", "synthetic", "npy"] = "digits"
-    batch_size: int = 32  # per rank
+    batch_size: int = 32  # per rank: the global batch is batch_size x ranks (x accumulate_steps)
     eval_fraction: float = 0.2  # held out when the dataset has no separate eval split
     split_seed: int = 0  # fixes the train/eval split independently of train.seed
-    # synthetic: Gaussian clusters, deterministic from train.seed
-    samples: int = 4096
-    features: int = 32
-    classes: int = 4
-    noise: float = 1.0
-    # npy: inputs and integer labels as .npy files, opened memory-mapped
-    x_path: str | None = None
-    y_path: str | None = None
-    eval_x_path: str | None = None
-    eval_y_path: str | None = None
+    samples: int = 4096  # synthetic: number of samples
+    features: int = 32  # synthetic: input features
+    classes: int = 4  # synthetic: classes (one Gaussian cluster each)
+    noise: float = 1.0  # synthetic: standard deviation around each centre; more overlaps more
+    x_path: str | None = None  # npy: inputs, shape (samples, ...), any numeric dtype
+    y_path: str | None = None  # npy: integer labels 0..C-1, shape (samples,)
+    eval_x_path: str | None = None  # npy: inputs of a separate eval split (else the last rows)
+    eval_y_path: str | None = None  # npy: labels of that eval split
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                  "a number in [0, 1)")
+        _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "an integer >= 0")
         _require(self.samples >= 1, "data.samples", self.samples, "an integer >= 1")
         _require(self.features >= 1, "data.features", self.features, "an integer >= 1")
         _require(self.classes >= 2, "data.classes", self.classes, "an integer >= 2")
@@ -85,13 +94,18 @@ class DataConfig:
             _require((self.eval_x_path is None) == (self.eval_y_path is None),
                      "data.eval_x_path", self.eval_x_path,
                      "to be given together with data.eval_y_path, or both left out")
+        else:  # a path that would be silently ignored: the user thinks it trains on their data
+            for key in ("x_path", "y_path", "eval_x_path", "eval_y_path"):
+                _require(getattr(self, key) is None, f"data.{key}", getattr(self, key),
+                         f"null unless data.name is 'npy' (data.name is {self.name!r})")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A built-in model ('mlp', 'cnn') or any 'package.module:Class' built with `kwargs`."""
 
-    name: str = "mlp"
+    name: str = "mlp"  # 'mlp', 'cnn', or 'package.module:Class' for your own nn.Module
+    # keyword arguments for the model (mlp: hidden; cnn: channels, hidden)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,20 +118,23 @@ class ModelConfig:
 class OptimConfig:
     """The optimizer and its learning-rate schedule."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1  # for the global batch; see lr_scaling
-    # Scale lr with world size: linear (Goyal et al.) or sqrt; none uses lr as given.
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # adamw decays weights apart from the gradient
+    lr: float = 0.1  # peak learning rate, before lr_scaling
+    # multiply lr by the number of ranks (linear, Goyal et al.) or its square root (sqrt)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    # after warmup: constant; cosine falls along half a cosine to 0 when training ends (the
+    # last step still has a small lr); step multiplies by step_gamma every step_every steps
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
-    step_every: int = 1000  # schedule=step: multiply lr by step_gamma every this many steps
-    step_gamma: float = 0.1
+    warmup_steps: int = 0  # step k < warmup_steps uses lr x (k+1)/warmup_steps
+    step_every: int = 1000  # step schedule: lr x step_gamma^(step // step_every), from step 0
+    step_gamma: float = 0.1  # step schedule: the factor applied every step_every steps
     momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
+    nesterov: bool = False  # sgd only, needs momentum > 0
+    # L2 penalty added to the gradient (sgd, adam) or decoupled decay lr x wd x w (adamw)
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None  # clip the averaged gradients to this global L2 norm
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
-    eps: float = 1e-8  # adam, adamw
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw: moment decay rates
+    eps: float = 1e-8  # adam, adamw: added to the denominator
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
@@ -145,9 +162,9 @@ class CommConfig:
     # above; ring: always ours; mpi: always MPI's own, to compare and as a fallback
     algorithm: Literal["auto", "ring", "mpi"] = "auto"
     compression: Literal["none", "fp16", "bf16"] = "none"  # 16-bit wire, summed in float32
-    bucket_mb: float = 4.0  # gradients are fused into buckets of about this size
+    bucket_mb: float = 4.0  # gradients are fused into buckets of about this many MiB
     overlap: bool = True  # start each bucket's allreduce during backward
-    # Abort (exit 4) when a collective waits this long for a rank; null never does
+    # abort the job (exit 4) when a collective waits this long for a rank; null: never
     timeout_s: float | None = 300.0
 
     def __post_init__(self) -> None:
@@ -163,7 +180,7 @@ class CommConfig:
 class CheckpointConfig:
     """When rank 0 saves `run.dir/checkpoints/step-<N>/`; one is always saved at the end."""
 
-    every_steps: int | None = None
+    every_steps: int | None = None  # also save every this many steps; null: only at the end
     keep: int | None = None  # keep only the newest `keep` checkpoints; null keeps all
 
     def __post_init__(self) -> None:
@@ -177,14 +194,35 @@ class CheckpointConfig:
 class RunConfig:
     """Where rank 0 writes config.yaml, metrics.jsonl and checkpoints/."""
 
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # created if missing; a rerun appends to its metrics.jsonl
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "run.dir", self.dir, "a non-empty path")
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """What rank 0 shows while the job runs, and where else it records the training records."""
+
+    # auto: a bar when the launcher's output is a terminal, plain lines (one per training
+    # record, with ETA) when it goes to a file such as a SLURM log; bar or lines force one; off
+    # shows neither (start, evaluation and checkpoint messages still print)
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    # lines: at most one line per this many seconds, plus the first record of each epoch and
+    # the last of the run (a log stays readable at any log_every); 0: a line per record
+    lines_every_s: float = 10.0
+    # also write TensorBoard event files to run.dir/tensorboard (pip install 'mpiml[tensorboard]')
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.lines_every_s >= 0, "log.lines_every_s", self.lines_every_s,
+                 "a number >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
+    """The whole job: one section per YAML mapping."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,10 +230,18 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) that YAML and JSON can hold."""
         return _plain(dataclasses.asdict(self))
+
+
+def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
+    """`optim.lr` scaled for the world size as `optim.lr_scaling` asks (the global batch grows
+    with the number of ranks, so the same lr would take relatively smaller steps)."""
+    factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
+    return cfg.lr * factor[cfg.lr_scaling]
 
 
 def _plain(value: Any) -> Any:
@@ -256,6 +302,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML reads .inf and .nan: never a sane setting
+                raise ConfigError(f"{key} = {value!r} is invalid: expected a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -265,9 +313,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
 
 
+def sections() -> dict[str, type]:
+    """YAML section name -> its dataclass, in the order of `Config`."""
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
 def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(name, valid, n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
+    if not near and "." in key:  # a real key put in the wrong section: name where it lives
+        homes = [f"{section}.{name}" for section, cls in sections().items()
+                 if name in {f.name for f in dataclasses.fields(cls)}]
+        hint = f" Did you mean '{homes[0]}'?" if homes else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
 
 

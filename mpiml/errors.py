@@ -17,6 +17,15 @@ class MpimlError(Exception):
         return self
 
 
+def unwinding_alone(exc: BaseException | None) -> bool:
+    """True when `exc` ends this rank only, not as an error every rank agreed on.
+
+    Cleanup on that path must not wait for the other ranks: they may be blocked in a
+    collective this rank will never join, and the job is about to be aborted anyway.
+    """
+    return exc is not None and not (isinstance(exc, MpimlError) and exc.shared)
+
+
 class ConfigError(MpimlError, ValueError):
     """A config key, value or combination is invalid."""
 

@@ -31,7 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def open_run_dir(log: RunLog, cfg: Config) -> None:
     try:
-        log.open(dump_config(cfg))
+        log.open(dump_config(cfg), tensorboard=cfg.log.tensorboard)
     except OSError as err:
         raise ConfigError(f"run.dir = {cfg.run.dir!r} cannot be written: {err.strerror or err}. "
                           "HINT: choose a writable folder with --set run.dir=PATH") from err
@@ -66,7 +66,8 @@ def train(args: argparse.Namespace, stop: StopRequest) -> int:
             world.root_decides(lambda: open_run_dir(log, cfg))
             # A launcher that kills the job when a rank dies names its PID: this maps it.
             log.print("ranks: " + ", ".join(f"{r}=pid {pid}@{host}"
-                                            for r, (host, pid) in enumerate(where)))
+                                            for r, (host, pid) in enumerate(where[:64]))
+                      + (f", ... ({len(where)} in all)" if len(where) > 64 else ""))
             for line in notes:
                 log.print(line)
             with Trainer(cfg, world, log, stop=stop, resume=point) as trainer:

@@ -21,22 +21,26 @@ import torch.nn.functional as F
 import mpiml
 from mpiml.checkpoint import check_room, prune_checkpoints, save_checkpoint
 from mpiml.comm import World
+from mpiml.comm.launcher import slurm_cpus_per_task
 from mpiml.comm.sync import GradSync
 from mpiml.config import Config, dump_config
-from mpiml.data import Dataset, ShardedLoader, build_dataset, eval_shard
-from mpiml.errors import CheckpointError, NonFiniteLossError
+from mpiml.data import Dataset, ShardedLoader, build_dataset
+from mpiml.errors import CheckpointError, NonFiniteLossError, unwinding_alone
+from mpiml.evaluation import eval_batch_size, evaluate_model
 from mpiml.models import build_model
-from mpiml.optim import build_optimizer, build_scheduler
+from mpiml.optim import PartStepper, build_optimizer, build_scheduler
 from mpiml.resume import ResumePoint, load_resume_state, reseed, rng_state, set_rng_state
 from mpiml.runlog import RunLog
 from mpiml.signals import StopRequest
 
 
-def threads_per_rank(local_size: int, requested: int = 0) -> int:
+def threads_per_rank(local_size: int, requested: int = 0,
+                     cpus_per_task: int | None = None) -> int:
     """Torch threads for one rank: the cores this process may use, shared by the node's ranks.
 
     If the launcher already pinned us to fewer cores than the machine has (srun with
-    --cpus-per-task, mpirun --bind-to), those cores are ours alone; otherwise the node's cores
+    --cpus-per-task, mpirun --bind-to), those cores are ours alone; Slurm's `--cpus-per-task`
+    (SLURM_CPUS_PER_TASK) counts even where it does not pin; otherwise the node's cores
     are split evenly between its ranks so N ranks never run N x cores threads.
     """
     if requested > 0:
@@ -44,6 +48,8 @@ def threads_per_rank(local_size: int, requested: int = 0) -> int:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     total = os.cpu_count() or 1
     allowed = allowed or 1
+    if cpus_per_task:
+        return max(1, min(cpus_per_task, allowed))
     if allowed < total:
         return max(1, allowed)
     return max(1, total // max(1, local_size))
@@ -57,11 +63,11 @@ class _Window:
     samples: int = 0
     steps: int = 0
     skipped: int = 0  # steps whose update was skipped (non-finite loss, train.nonfinite=skip)
-    start: float = field(default_factory=time.perf_counter)
+    # Seconds per stage, summed over the window's steps. Only time inside steps counts, so
+    # evaluation, logging and checkpoints never inflate step_ms or deflate samples_per_s.
     times: dict[str, float] = field(
         default_factory=lambda: {"data": 0.0, "forward_backward": 0.0, "comm_exposed": 0.0,
                                  "optimizer": 0.0})
-
 
     def counts(self) -> dict[str, float | int]:
         """What a checkpoint keeps, so a resumed run logs the same numbers."""
@@ -74,7 +80,8 @@ class Trainer:
                  resume: ResumePoint | None = None) -> None:
         self.cfg, self.world, self.log = cfg, world, log
         self.stop = stop or StopRequest()
-        self.threads = threads_per_rank(world.local_size, cfg.train.threads)
+        self.threads = threads_per_rank(world.local_size, cfg.train.threads,
+                                        slurm_cpus_per_task())
         torch.set_num_threads(self.threads)
         torch.manual_seed(cfg.train.seed)  # rank 0's initial weights are broadcast anyway
 
@@ -92,11 +99,16 @@ class Trainer:
                              cfg.comm.algorithm, cfg.comm.compression)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        # Without clipping (which needs every gradient first) each bucket is stepped as soon
+        # as its average arrives, while later buckets are still on the wire.
+        self.parts = (PartStepper(self.optimizer, [b.params for b in self.sync.buckets])
+                      if cfg.optim.clip_grad_norm is None else None)
         self.step = 0
         self.epoch = 0
         self.epoch_step = 0  # optimizer steps done in `epoch`: the data position
         self.complete = False  # the loaded checkpoint was the final one of its run
         self.last_saved: tuple[int, bool] | None = None  # (step, complete) of the last save
+        self.last_lr = 0.0
         self.window = _Window()
         n_params = sum(p.numel() for p in self.model.parameters())
         param_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -119,6 +131,8 @@ class Trainer:
         if self.complete and self.step >= self.total_steps:
             self.log.print(f"the run already finished at step {self.step}; nothing to do")
             return True
+        progress = self.log.start_progress(self.cfg.log.progress, self.total_steps, self.step,
+                                           self.cfg.log.lines_every_s)
         for epoch in range(self.epoch, cfg.epochs):
             if epoch != self.epoch:
                 self.epoch, self.epoch_step = epoch, 0
@@ -131,20 +145,20 @@ class Trainer:
                 t1 = time.perf_counter()
                 loss = self.forward_backward(*batch)
                 t2 = time.perf_counter()
-                self.sync.finish()
-                t3 = time.perf_counter()
-                nonfinite, stop = self.agree(loss)
-                if nonfinite:
-                    self.handle_nonfinite(loss)  # raises under train.nonfinite = abort
-                self.optimizer_step(skip=nonfinite)
+                exposed = self.sync.stats.exposed_s
+                nonfinite, stop, agreed_s = self.sync_and_step(loss)
                 t4 = time.perf_counter()
+                # Waiting on other ranks is exposed communication; the rest is optimizer work.
+                t3 = t2 + self.sync.stats.exposed_s - exposed + agreed_s
                 self.count_step(loss, len(batch[1]), nonfinite,
                                 (t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+                progress.advance(self.step, self.epoch)
                 if self.step % cfg.log_every == 0 or self.done:
                     self.log_training(self.window)
                     self.window = _Window()
                 self.maybe_checkpoint()
                 if stop:
+                    progress.close()
                     return self.stop_for_requeue()
             if self.window.steps:  # the epoch's tail, so every step is in some record
                 self.log_training(self.window)
@@ -154,6 +168,7 @@ class Trainer:
                 self.evaluate()
             if self.done:
                 break
+        progress.close()
         self.save_checkpoint(complete=True)
         return True
 
@@ -187,6 +202,30 @@ class Trainer:
             total += float(loss.detach())
         return total
 
+    def sync_and_step(self, loss: float) -> tuple[bool, bool, float]:
+        """Average the gradients and update. Returns whether the loss was non-finite on some
+        rank, whether a stop was asked for, and the seconds spent agreeing on that.
+
+        Under train.nonfinite=skip the ranks agree before any parameter moves (the optimizer
+        may step bucket by bucket inside `finish`); otherwise after the update, when no
+        gradient is in flight. An aborted step's parameters are never checkpointed.
+        """
+        start = time.perf_counter()
+        early = self.agree(loss) if self.cfg.train.nonfinite == "skip" else None
+        agreed_s = time.perf_counter() - start
+        skip = early is not None and early[0]
+        stepped = self.parts is not None and not skip
+        self.sync.finish(self.parts.step if stepped else None)
+        self.optimizer_step(skip=skip, stepped=stepped)
+        if early is None:
+            start = time.perf_counter()
+            early = self.agree(loss)
+            agreed_s = time.perf_counter() - start
+        nonfinite, stop = early
+        if nonfinite:
+            self.handle_nonfinite(loss)  # raises under train.nonfinite = abort
+        return nonfinite, stop, agreed_s
+
     def agree(self, loss: float) -> tuple[bool, bool]:
         """One tiny allreduce per step: is the loss non-finite anywhere, and was a stop asked?
 
@@ -213,10 +252,12 @@ class Trainer:
         self.log.record(step=self.step + 1, epoch=self.epoch, event="skipped_step",
                         reason="nonfinite loss", ranks=ranks)
 
-    def optimizer_step(self, skip: bool = False) -> None:
-        """Clip and step; with `skip`, drop the gradients but keep the schedule in step."""
-        clip = self.cfg.optim.clip_grad_norm
-        if not skip:
+    def optimizer_step(self, skip: bool = False, stepped: bool = False) -> None:
+        """Clip and step (unless `finish` stepped each bucket already, or `skip`), schedule,
+        zero. A skipped update still advances the schedule, so it stays in step with `step`."""
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses, for the log
+        if not skip and not stepped:
+            clip = self.cfg.optim.clip_grad_norm
             if clip is not None:  # gradients are averaged, so every rank clips identically
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
             self.optimizer.step()
@@ -240,42 +281,49 @@ class Trainer:
             window.times[key] += dt
 
     def log_training(self, window: _Window) -> None:
-        """Record loss averaged over every rank's samples, and the slowest rank's step time."""
-        elapsed = time.perf_counter() - window.start
-        sums = self.world.allreduce_sum(np.array([window.loss_sum, window.samples]))
-        slowest = self.world.allreduce_max(np.array([elapsed / max(1, window.steps)]))[0]
-        loss = sums[0] / max(1.0, sums[1])
-        rate = sums[1] / max(elapsed, 1e-9)  # global samples per second
-        comm = self.sync.reset_stats()
-        per_step = {k: round(v / max(1, window.steps) * 1e3, 3) for k, v in window.times.items()}
-        extra = {"skipped_steps": window.skipped} if window.skipped else {}
-        shown = round(float(loss), 6) if sums[1] else None  # None: every step was skipped
-        self.log.record(step=self.step, epoch=self.epoch, loss=shown, **extra,
-                        samples_per_s=round(float(rate), 1),
-                        step_ms=round(elapsed / max(1, window.steps) * 1e3, 3),
-                        slowest_step_ms=round(float(slowest) * 1e3, 3),
-                        comm_ms=round(comm.comm_s / max(1, window.steps) * 1e3, 3),
-                        breakdown_ms=per_step)
-        self.log.print(f"epoch {self.epoch:>3}  step {self.step:>6}  loss "
-                       f"{loss if sums[1] else float('nan'):.4f}  {rate:,.0f} samples/s")
+        """Record loss averaged over every rank's samples, the stage times and the stragglers.
 
-    @torch.no_grad()
+        Steps are synchronised, so every rank's wall time per step is about the same: a slow
+        rank makes the others wait in `comm_exposed`. What tells the slow rank apart is its
+        *busy* time, the step without that wait; the record names the busiest rank.
+        """
+        steps = max(1, window.steps)
+        step_s = sum(window.times.values())
+        busy_s = step_s - window.times["comm_exposed"]
+        sums = self.world.allreduce_sum(np.array([window.loss_sum, window.samples]))
+        per_rank = self.world.allgather_object((step_s / steps, busy_s / steps))
+        slowest_rank = max(range(len(per_rank)), key=lambda r: per_rank[r][1])
+        loss = sums[0] / max(1.0, sums[1])
+        # Global samples per second of training: the slowest rank's step time sets the pace.
+        rate = sums[1] / max(max(s for s, _ in per_rank) * steps, 1e-9)
+        comm = self.sync.reset_stats()
+        ms = {k: round(v / steps * 1e3, 3) for k, v in window.times.items()}
+        extra = {"skipped_steps": window.skipped} if window.skipped else {}
+        if not sums[1]:  # every step of the window was skipped: there is no loss to show
+            loss = float("nan")
+        self.log.record(step=self.step, epoch=self.epoch,
+                        loss=round(float(loss), 6) if sums[1] else None, **extra,
+                        samples_per_s=round(float(rate), 1),
+                        lr=float(f"{self.last_lr:.6g}"),
+                        step_ms=round(step_s / steps * 1e3, 3),
+                        slowest_step_ms=round(max(s for s, _ in per_rank) * 1e3, 3),
+                        comm_ms=round(comm.comm_s / steps * 1e3, 3),
+                        breakdown_ms=ms,
+                        busy_ms_max=round(per_rank[slowest_rank][1] * 1e3, 3),
+                        busy_ms_min=round(min(b for _, b in per_rank) * 1e3, 3),
+                        slowest_rank=slowest_rank)
+        self.log.progress.report(self.epoch, self.step, float(loss), float(rate))
+
     def evaluate(self) -> None:
         """Each rank evaluates its share of the held-out split; sums and counts are reduced."""
-        self.model.eval()
-        totals = np.zeros(3)  # loss sum, correct, samples
-        for x, y in eval_shard(self.dataset.eval, self.world.rank, self.world.size,
-                               max(256, self.cfg.data.batch_size)):
-            logits = self.model(x)
-            totals += (float(F.cross_entropy(logits, y, reduction="sum")),
-                       float((logits.argmax(1) == y).sum()), len(y))
-        loss_sum, correct, count = self.world.allreduce_sum(totals)
-        if count == 0:
+        result = evaluate_model(self.model, self.dataset.eval, self.world,
+                                eval_batch_size(self.cfg.data.batch_size))
+        if result is None:
             return
-        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(loss_sum / count, 6),
-                        eval_accuracy=round(correct / count, 6))
-        self.log.print(f"epoch {self.epoch:>3}  eval loss {loss_sum / count:.4f}  "
-                       f"accuracy {correct / count:.2%}  ({int(count)} samples)")
+        self.log.record(step=self.step, epoch=self.epoch, eval_loss=round(result.loss, 6),
+                        eval_accuracy=round(result.accuracy, 6))
+        self.log.print(f"epoch {self.epoch:>3}  eval loss {result.loss:.4f}  "
+                       f"accuracy {result.accuracy:.2%}  ({result.samples} samples)")
 
     def maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every_steps
@@ -363,11 +411,11 @@ class Trainer:
                           if dropped else ""))
 
     # -- life cycle -----------------------------------------------------------------------------
-    def close(self) -> None:
-        self.sync.close()
+    def close(self, wait_for_peers: bool = True) -> None:
+        self.sync.close(wait=wait_for_peers)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(wait_for_peers=not unwinding_alone(exc))

@@ -32,6 +32,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
+from mpiml.optim import PartStepper
 
 
 def build(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
@@ -64,17 +65,19 @@ def init_gloo(world: World) -> None:
     dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
 
 
-def timed_steps(model: nn.Module, batches: list, steps: int, before_step: Callable[[], None],
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+
+
+def timed_steps(model: nn.Module, batches: list, steps: int, sync_and_step: Callable[[], None],
                 zero: Callable[[], None]) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     loss_fn = nn.CrossEntropyLoss()
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             start = time.perf_counter()
         x, y = batches[i % len(batches)]
         loss_fn(model(x), y).backward()
-        before_step()
-        opt.step()
+        sync_and_step()
         zero()
     return (time.perf_counter() - start) / steps
 
@@ -91,6 +94,17 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     syncs = {key: GradSync(world, models[key], bucket_mb, overlap=(key == "mpiml"))
              for key in ("mpiml", "mpiml_sync")}
     ddp = nn.parallel.DistributedDataParallel(models["ddp"])
+    opts = {key: sgd(model) for key, model in models.items()}
+    # mpiml as its trainer runs it: each bucket stepped as soon as its average arrives;
+    # mpiml_sync: the plain synchronous path, all of the sync and then one optimizer step.
+    parts = PartStepper(opts["mpiml"], [b.params for b in syncs["mpiml"].buckets])
+    step_fn = {
+        "mpiml": lambda: syncs["mpiml"].finish(parts.step),
+        "mpiml_sync": lambda: (syncs["mpiml_sync"].finish(), opts["mpiml_sync"].step()),
+        "ddp": opts["ddp"].step,
+        "local": opts["local"].step,
+    }
+
     def ddp_opt_zero() -> None:
         ddp.zero_grad(set_to_none=False)
 
@@ -105,19 +119,19 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
             sync = syncs[key]
             world.barrier()
             sync.reset_stats()
-            times[key].append(timed_steps(models[key], batches, steps, sync.finish,
+            times[key].append(timed_steps(models[key], batches, steps, step_fn[key],
                                           sync.zero_grad))
             stats = sync.reset_stats()
             exposed[key].append(stats.exposed_s / (steps + 2))
         world.barrier()
-        times["ddp"].append(timed_steps(ddp, batches, steps, lambda: None, ddp_opt_zero))
+        times["ddp"].append(timed_steps(ddp, batches, steps, step_fn["ddp"], ddp_opt_zero))
         world.barrier()
-        times["local"].append(timed_steps(models["local"], batches, steps, lambda: None,
+        times["local"].append(timed_steps(models["local"], batches, steps, step_fn["local"],
                                           local_zero))
         world.barrier()
         if world.is_root:
-            times["single"].append(timed_steps(models["local"], batches, steps, lambda: None,
-                                               local_zero))
+            times["single"].append(timed_steps(models["local"], batches, steps,
+                                               step_fn["local"], local_zero))
         world.barrier()
     for sync in syncs.values():
         sync.close()

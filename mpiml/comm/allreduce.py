@@ -63,7 +63,9 @@ from mpi4py import MPI
 from mpiml.comm.doubling import doubling_allreduce, doubling_scratch_length, is_power_of_two
 from mpiml.comm.ring import (
     DEFAULT_WINDOW,
+    blocking_wait,
     pipelined_ring_allreduce,
+    polling_wait,
     scratch_length,
     segment_bounds,
 )
@@ -107,6 +109,7 @@ class AllreduceConfig:
     average: bool = False
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     small_threshold_bytes: int = DEFAULT_SMALL_THRESHOLD_BYTES
+    polling: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -154,11 +157,16 @@ class Allreducer:
     """Sum (or average) flat buffers across all ranks of `comm`, in place.
 
     `Allreducer(comm, max_elements, dtype="float32", *, algorithm="auto", wire=None,
-    average=False, segment_bytes=1 MiB, small_threshold_bytes=1 MiB)`; a collective
+    average=False, segment_bytes=1 MiB, small_threshold_bytes=1 MiB, polling=False)`; a collective
     constructor (every rank, same arguments). Then `reducer(buf)` on every rank, where `buf` is
     a contiguous 1-D numpy array of at most `max_elements` elements of `dtype` (int16/uint16
     bits for bfloat16), the same length on every rank. See the module docstring for the
     algorithms, wire types and why every rank ends with the same bits.
+
+    `polling=True` is for a communication thread that shares a core with computation (the
+    gradient sync during backward): waits test and sleep instead of spinning
+    (`ring.polling_wait`), and the MPI path is a nonblocking `Iallreduce` waited on the same
+    way, so a rank waiting for a slower peer leaves its core to its own backward pass.
     """
 
     def __init__(
@@ -172,11 +180,13 @@ class Allreducer:
         average: bool = False,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         small_threshold_bytes: int = DEFAULT_SMALL_THRESHOLD_BYTES,
+        polling: bool = False,
     ) -> None:
         self.config = config = AllreduceConfig(
             int(max_elements), dtype, algorithm, wire, bool(average), int(segment_bytes),
-            int(small_threshold_bytes),
+            int(small_threshold_bytes), bool(polling),
         )
+        self._wait = polling_wait if config.polling else blocking_wait
         self.comm = comm
         self.size: int = comm.Get_size()
         everyone = comm.allgather(config)
@@ -212,7 +222,7 @@ class Allreducer:
         self._combine = self._build_combine()
         # Plain float buffers under the threshold with no averaging go straight to MPI.
         self._mpi_fast = (config.algorithm in ("auto", "mpi") and self._work is None
-                          and not config.compressed
+                          and not config.compressed and not config.polling
                           and not config.average and self.size > 1)
         self._small = (config.small_threshold_bytes if config.algorithm == "auto"
                        else float("inf"))
@@ -272,19 +282,24 @@ class Allreducer:
         """Reduce `wire` (already in the wire type) in place with the chosen algorithm."""
         algorithm = self.algorithm_for(wire.nbytes)
         if algorithm == "mpi":
-            self.comm.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+            if self.config.polling:
+                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, wire, op=MPI.SUM))
+            else:
+                self.comm.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
             if self.config.average:
                 np.divide(wire, self.size, out=wire)
             return
         if algorithm == "doubling":
-            doubling_allreduce(self.comm, wire, self._scratch, self._segment, self._combine)
+            doubling_allreduce(self.comm, wire, self._scratch, self._segment, self._combine,
+                               wait=self._wait)
             return
         bounds = self._bounds.get(wire.size)
         if bounds is None:
             if len(self._bounds) >= _BOUNDS_CACHE:
                 self._bounds.clear()
             bounds = self._bounds[wire.size] = segment_bounds(wire.size, self.size, self._segment)
-        pipelined_ring_allreduce(self.comm, wire, self._scratch, bounds, self._combine)
+        pipelined_ring_allreduce(self.comm, wire, self._scratch, bounds, self._combine,
+                                 wait=self._wait)
 
     def _build_combine(self):
         """The per-segment fold for the ring: add (and on the owner's last step, average)."""

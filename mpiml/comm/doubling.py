@@ -28,6 +28,8 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
+from mpiml.comm.ring import Wait, blocking_wait
+
 #: combine(target, incoming, last, incoming_first): target <- incoming + target in that
 #: operand order when `incoming_first`, else target + incoming; `last` on the final step.
 PairCombine = Callable[[np.ndarray, np.ndarray, bool, bool], None]
@@ -59,11 +61,13 @@ def doubling_allreduce(
     segment: int,
     combine: PairCombine = add_pair,
     window: int = DEFAULT_WINDOW,
+    wait: Wait = blocking_wait,
 ) -> None:
     """Sum `buf` across `comm` (a power-of-two size) in place by recursive doubling.
 
     `segment` is in elements; `scratch` holds `doubling_scratch_length(buf.size, segment,
-    window)` elements of `buf`'s dtype. No argument checks: `Allreducer` validates once.
+    window)` elements of `buf`'s dtype. `wait` completes one request (see `ring.polling_wait`).
+    No argument checks: `Allreducer` validates once.
     """
     size, rank = comm.Get_size(), comm.Get_rank()
     n = buf.size
@@ -75,17 +79,23 @@ def doubling_allreduce(
         tag = _STEP_TAG + step
         if n <= segment:  # one message each way: the latency path
             incoming = scratch[:n]
-            comm.Sendrecv(buf, partner, tag, incoming, partner, tag)
+            if wait is blocking_wait:
+                comm.Sendrecv(buf, partner, tag, incoming, partner, tag)
+            else:
+                recv = comm.Irecv(incoming, partner, tag)
+                send = comm.Isend(buf, partner, tag)
+                wait(recv)
+                wait(send)
             combine(buf, incoming, last, incoming_first)
         else:
-            _segmented_exchange(comm, buf, scratch, segment, partner, tag, window,
+            _segmented_exchange(comm, buf, scratch, segment, partner, tag, window, wait,
                                 lambda t, i, last=last, first=incoming_first:
                                 combine(t, i, last, first))
         distance, step = distance * 2, step + 1
 
 
 def _segmented_exchange(comm: MPI.Comm, buf: np.ndarray, scratch: np.ndarray, segment: int,
-                        partner: int, tag: int, window: int,
+                        partner: int, tag: int, window: int, wait: Wait,
                         fold: Callable[[np.ndarray, np.ndarray], None]) -> None:
     """Swap `buf` with `partner` segment by segment, folding each received segment in."""
     n = buf.size
@@ -104,7 +114,7 @@ def _segmented_exchange(comm: MPI.Comm, buf: np.ndarray, scratch: np.ndarray, se
     for j, a in enumerate(starts):
         b = min(a + segment, n)
         o = (j % window) * segment
-        recvs[j].Wait()
-        sends[j].Wait()  # our copy of this segment may change only once it has left
+        wait(recvs[j])
+        wait(sends[j])  # our copy of this segment may change only once it has left
         fold(buf[a:b], scratch[o:o + b - a])
         post(j + window)

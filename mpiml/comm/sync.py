@@ -19,7 +19,7 @@ while backward carries on with earlier layers. The optimizer waits only in `fini
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.world import World
-from mpiml.errors import CommError
+from mpiml.errors import CommError, unwinding_alone
 
 _KIND = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
          torch.bfloat16: "bfloat16"}
@@ -165,7 +165,7 @@ class GradSync:
                 raise CommError(f"comm.compression = {compression!r} does not apply to float64 "
                                 "gradients; use comm.compression: none").agreed()
             reducers[dtype] = Allreducer(self.comm, longest, _KIND[dtype], algorithm=algorithm,
-                                         wire=wire, average=True)
+                                         wire=wire, average=True, polling=self.overlap)
         return reducers
 
     def zero_grad(self) -> None:
@@ -227,9 +227,16 @@ class GradSync:
         self.stats.calls += 1
 
     # -- completion ---------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Launch what backward left (unused parameters), wait for all, leave averages in .grad."""
+    def finish(self, bucket_done: Callable[[int], None] | None = None) -> None:
+        """Launch what backward left (unused parameters), wait for all, leave averages in .grad.
+
+        `bucket_done(i)`, if given, is called for each bucket in order as soon as its average
+        is in `.grad` (the parameters are `self.buckets[i].params`), while later buckets may
+        still be on the wire: the trainer steps the optimizer there, bucket by bucket.
+        Only the time spent waiting counts as exposed communication.
+        """
         start = time.perf_counter()
+        busy = 0.0
         with self.world.watch("gradient allreduce"):  # a dead peer stalls us here
             for bucket in self.buckets[self._next :]:
                 self._launch(bucket)
@@ -237,7 +244,11 @@ class GradSync:
                 if bucket.future is not None:
                     bucket.future.result()  # re-raises a failure of the communication thread
                     bucket.future = None
-        self.stats.exposed_s += time.perf_counter() - start
+                if bucket_done is not None:
+                    begin = time.perf_counter()
+                    bucket_done(bucket.index)
+                    busy += time.perf_counter() - begin
+        self.stats.exposed_s += time.perf_counter() - start - busy
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
         self._next = 0
@@ -247,13 +258,17 @@ class GradSync:
         return stats
 
     # -- life cycle -----------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the communication thread. `wait=False` when this rank fails alone: an
+        allreduce in flight would wait for the other ranks for ever, so it is left behind."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=wait, cancel_futures=not wait)
             self._executor = None
+        if not wait:
+            return
         for reducer in self._reducers.values():
             reducer.close()
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
@@ -263,5 +278,5 @@ class GradSync:
     def __enter__(self) -> GradSync:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(wait=not unwinding_alone(exc))

@@ -114,6 +114,7 @@ class Watchdog:
         self._byes: set[int] = set()  # ranks that said goodbye (they send nothing after it)
         self._stop = threading.Event()
         self._drained = False
+        self._say_goodbye = True
         self._thread = threading.Thread(target=self._run, name="mpiml-watchdog", daemon=True)
         self._thread.start()
 
@@ -136,7 +137,8 @@ class Watchdog:
                 self._receive()
                 self._send_beat()
                 self._check(time.monotonic())
-            self._goodbye()
+            if self._say_goodbye:
+                self._goodbye()
         except Exception as err:  # noqa: BLE001 - never die silently: the job would be unguarded
             sys.stderr.write(f"mpiml: watchdog on rank {self.rank} stopped: "
                              f"{type(err).__name__}: {err}\n")
@@ -228,11 +230,13 @@ class Watchdog:
                              f"{sorted(set(peers) - self._byes)}; leaving its messages\n")
 
     # -- life cycle -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the thread; every rank must call it (it exchanges goodbyes)."""
+    def close(self, goodbye: bool = True) -> None:
+        """Stop the thread. With `goodbye` every rank must call it (they exchange goodbyes);
+        without, nothing waits for the others (this rank is failing alone)."""
         if self._thread.is_alive():
+            self._say_goodbye = goodbye
             self._stop.set()
-            self._thread.join()
+            self._thread.join(None if goodbye else self.interval_s + 1.0)
         if self._drained and self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()  # left alone if a peer never said goodbye: freeing could hang
         self.comm = MPI.COMM_NULL

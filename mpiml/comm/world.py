@@ -18,7 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpiml.comm.watchdog import EXIT_WATCHDOG, Watchdog
-from mpiml.errors import CommError, MpimlError
+from mpiml.errors import CommError, MpimlError, unwinding_alone
 
 T = TypeVar("T")
 
@@ -152,20 +152,22 @@ class World:
         MPI.COMM_WORLD.Abort(code)
 
     # -- life cycle -------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Release the communicators; without `wait_for_peers` (this rank is failing alone)
+        nothing that needs the other ranks is done."""
         if self.watchdog is not None:
-            self.watchdog.close()
+            self.watchdog.close(goodbye=wait_for_peers)
             self.watchdog = None
         for comm in (self.node_comm, self.comm):
-            if comm != MPI.COMM_NULL and not MPI.Is_finalized():
+            if wait_for_peers and comm != MPI.COMM_NULL and not MPI.Is_finalized():
                 comm.Free()
         self.node_comm = self.comm = MPI.COMM_NULL
 
     def __enter__(self) -> World:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(wait_for_peers=not unwinding_alone(exc))
 
 
 def mpi_library_version() -> str:

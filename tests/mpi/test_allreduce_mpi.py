@@ -140,6 +140,23 @@ def test_average(comm, algorithm, dtype):
         check(comm, reducer, dtype, None, length, average=True)
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "doubling", "mpi"])
+@pytest.mark.parametrize("dtype,wire", [("float32", None), ("float64", None),
+                                        ("bfloat16", None), ("float32", "float16")])
+def test_polling_waits_give_the_same_result(comm, algorithm, dtype, wire):
+    """The communication thread's mode: test-and-sleep waits, Iallreduce on the MPI path."""
+    size = comm.Get_size()
+    if (algorithm == "doubling" and size & (size - 1)) or (algorithm == "mpi" and wire):
+        pytest.skip("combination rejected at construction (tested above)")
+    reducer = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire, polling=True)
+    tiny = Allreducer(comm, 5000, dtype, algorithm=algorithm, wire=wire, polling=True,
+                      segment_bytes=TINY_SEGMENT, small_threshold_bytes=0, average=True)
+    for length in lengths(size):
+        check(comm, reducer, dtype, wire, length)
+        if length < 5000:
+            check(comm, tiny, dtype, wire, length, average=True)
+
+
 def test_bfloat16_bits_may_be_uint16(comm):
     reducer = Allreducer(comm, 100, "bfloat16", algorithm="ring")
     buf = to_buffer(inputs(comm.Get_rank(), 100, "bfloat16"), "bfloat16").view(np.uint16)

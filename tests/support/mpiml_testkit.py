@@ -81,5 +81,20 @@ class BrokenImport:  # referenced only to show a failing import is told apart
     pass
 
 
+class SlowOnRank(nn.Module):
+    """A one-hidden-layer MLP whose training forward sleeps on rank `rank`: a straggler."""
+
+    def __init__(self, rank: int = 1, delay_ms: float = 15.0, features: int = 32,
+                 classes: int = 4, hidden: int = 16):
+        super().__init__()
+        self.slow_rank, self.delay = rank, delay_ms / 1e3
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _rank() == self.slow_rank:
+            time.sleep(self.delay)
+        return self.net(x)
+
+
 if os.environ.get("MPIML_TESTKIT_BREAK_IMPORT"):
     raise ImportError("testkit import broken on purpose")

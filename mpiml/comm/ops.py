@@ -1,0 +1,220 @@
+"""Typed collectives on torch tensors: the data movement behind `mpiml.horovod`.
+
+Every function takes the communicator (and, for large float sums, a `ReducerCache`) as an
+argument and works on CPU tensors. They assume the ranks already agree on what is being done
+(`engine.py` checks that with a signature exchange before calling any of them).
+
+Numerics, chosen to give the results Horovod's CPU path gives:
+
+* Sum, Min, Max, Product map to MPI's SUM, MIN, MAX, PROD in the tensor's own type; float16 and
+  bfloat16 are widened to float32 for the reduction and rounded back once.
+* Average is a Sum followed by a multiplication by ``postscale / size``; ``prescale`` multiplies
+  every rank's input before the reduction. As in Horovod, float32 and float16 are scaled by the
+  factor rounded to float32, float64 by the double, and integers by computing
+  ``int(factor * value)`` in double precision, which truncates toward zero: the integer Average
+  of 1 and 2 is 1, of -1 and -2 is -1.
+* Large float32/float64 sums (1 MiB and up) go through the project's `Allreducer` (pipelined
+  ring or recursive doubling on preallocated buffers); smaller ones through MPI's Allreduce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpiml.comm.allreduce import Allreducer
+from mpiml.errors import CommError
+
+# Reduction operators, numbered as Horovod numbers them (ReduceOp in horovod/common).
+AVERAGE, SUM, ADASUM, MIN, MAX, PRODUCT = 0, 1, 2, 3, 4, 5
+OP_NAMES = {AVERAGE: "Average", SUM: "Sum", ADASUM: "Adasum", MIN: "Min", MAX: "Max",
+            PRODUCT: "Product"}
+_MPI_OP = {AVERAGE: MPI.SUM, SUM: MPI.SUM, MIN: MPI.MIN, MAX: MPI.MAX, PRODUCT: MPI.PROD}
+
+# Every dtype the collectives move; all but bool can be reduced.
+DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+          torch.bfloat16, torch.float32, torch.float64, torch.bool)
+DTYPE_CODE = {dtype: i + 1 for i, dtype in enumerate(DTYPES)}
+REDUCIBLE = frozenset(DTYPES[:-1])
+_HALF = (torch.float16, torch.bfloat16)
+_RING_KIND = {torch.float32: "float32", torch.float64: "float64"}
+RING_THRESHOLD_BYTES = 1 << 20  # below this MPI's own Allreduce wins (see allreduce.py)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_dtype(tensor: torch.Tensor, reduce: bool) -> None:
+    """Raise CommError unless `tensor` is a CPU tensor of a type the collective supports."""
+    if tensor.device.type != "cpu":
+        raise CommError(f"tensor on device {tensor.device}: mpiml.horovod runs on CPU tensors "
+                        "only; move it with .cpu() first")
+    if tensor.is_sparse:
+        raise CommError("sparse tensors are not supported; convert with .to_dense()")
+    allowed = REDUCIBLE if reduce else DTYPES
+    if tensor.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in DTYPES if d in allowed)
+        raise CommError(f"tensor type {dtype_name(tensor.dtype)} is not supported here; "
+                        f"use one of {names}")
+
+
+def as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a contiguous tensor as a uint8 numpy view (shared memory)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.numpy().view(np.uint8)
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous tensor; bfloat16 is not allowed (no numpy type)."""
+    return tensor.detach().reshape(-1).numpy()
+
+
+# -- scaling ------------------------------------------------------------------------------------
+def scale_(flat: torch.Tensor, factor: float) -> None:
+    """Multiply in place as Horovod's ScaleBuffer does (see the module docstring)."""
+    if factor == 1.0:
+        return
+    if flat.dtype == torch.float64:
+        flat.mul_(factor)
+    elif flat.dtype.is_floating_point:
+        # A Python float is rounded to the tensor's type by torch; Horovod rounds to float32.
+        flat.mul_(float(np.float32(factor)))
+    else:
+        flat.copy_(flat.double().mul_(factor).to(flat.dtype))  # double -> int truncates
+
+
+# -- reductions ---------------------------------------------------------------------------------
+class ReducerCache:
+    """One `Allreducer` per float type, rebuilt (collectively) when a larger buffer comes."""
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
+        self._reducers: dict[torch.dtype, Allreducer] = {}
+
+    def get(self, dtype: torch.dtype, n: int) -> Allreducer:
+        reducer = self._reducers.get(dtype)
+        if reducer is None or reducer.config.max_elements < n:
+            capacity = n if reducer is None else max(n, 2 * reducer.config.max_elements)
+            if reducer is not None:
+                reducer.close()
+            reducer = self._reducers[dtype] = Allreducer(self.comm, capacity, _RING_KIND[dtype])
+        return reducer
+
+    def close(self) -> None:
+        for reducer in self._reducers.values():
+            reducer.close()
+        self._reducers.clear()
+
+
+def _sum_or_reduce(comm: MPI.Comm, flat: torch.Tensor, op: int,
+                   reducers: ReducerCache | None) -> None:
+    """Reduce a flat float32/float64/integer tensor in place across `comm`."""
+    if comm.Get_size() == 1:
+        return
+    nbytes = flat.numel() * flat.element_size()
+    if (op in (SUM, AVERAGE) and flat.dtype in _RING_KIND and reducers is not None
+            and nbytes >= RING_THRESHOLD_BYTES):
+        reducers.get(flat.dtype, flat.numel())(as_numpy(flat))
+        return
+    comm.Allreduce(MPI.IN_PLACE, as_numpy(flat), op=_MPI_OP[op])
+
+
+def allreduce_flat_(comm: MPI.Comm, flat: torch.Tensor, op: int, prescale: float = 1.0,
+                    postscale: float = 1.0, reducers: ReducerCache | None = None) -> None:
+    """Reduce the contiguous 1-D tensor `flat` in place with Horovod's op and scaling."""
+    if op == AVERAGE:
+        postscale = postscale / comm.Get_size()
+    if flat.dtype in _HALF:
+        work = flat.float()
+        scale_(work, prescale)
+        _sum_or_reduce(comm, work, op, reducers)
+        scale_(work, postscale)
+        flat.copy_(work)
+        return
+    scale_(flat, prescale)
+    _sum_or_reduce(comm, flat, op, reducers)
+    scale_(flat, postscale)
+
+
+def identity_like(flat: torch.Tensor, op: int) -> torch.Tensor:
+    """What a rank that has joined contributes: the identity of `op` (0 for Sum/Average)."""
+    if op in (SUM, AVERAGE):
+        return flat.zero_()
+    if op == PRODUCT:
+        return flat.fill_(1)
+    info = torch.finfo(flat.dtype) if flat.dtype.is_floating_point else torch.iinfo(flat.dtype)
+    return flat.fill_(info.max if op == MIN else info.min)
+
+
+def reducescatter_counts(rows: int, size: int) -> list[int]:
+    """Rows per rank: the first ``rows % size`` ranks get one more (Horovod's split)."""
+    return [rows // size + (1 if r < rows % size else 0) for r in range(size)]
+
+
+def reducescatter(comm: MPI.Comm, tensor: torch.Tensor, op: int, prescale: float = 1.0,
+                  postscale: float = 1.0) -> torch.Tensor:
+    """Reduce `tensor` over ranks and give rank r its block of rows (see `reducescatter_counts`)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rows = reducescatter_counts(tensor.shape[0], size)
+    row_elems = int(np.prod(tensor.shape[1:], dtype=np.int64))
+    work_dtype = torch.float32 if tensor.dtype in _HALF else tensor.dtype
+    send = tensor.detach().reshape(-1).to(work_dtype, copy=True)
+    scale_(send, prescale)
+    out = torch.empty(rows[rank] * row_elems, dtype=work_dtype)
+    if size == 1:
+        out.copy_(send)
+    else:
+        comm.Reduce_scatter(as_numpy(send), as_numpy(out), [r * row_elems for r in rows],
+                            op=_MPI_OP[op])
+    scale_(out, postscale / size if op == AVERAGE else postscale)
+    return out.to(tensor.dtype).view(rows[rank], *tensor.shape[1:])
+
+
+# -- data movement ------------------------------------------------------------------------------
+def broadcast_(comm: MPI.Comm, tensor: torch.Tensor, root: int) -> None:
+    """Overwrite the contiguous `tensor` with root's values."""
+    if comm.Get_size() > 1 and tensor.numel():
+        comm.Bcast(as_bytes(tensor), root=root)
+
+
+def allgatherv(comm: MPI.Comm, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0; `rows[r]` is rank r's first dimension."""
+    rest = tuple(tensor.shape[1:])
+    out = torch.empty((sum(rows), *rest), dtype=tensor.dtype)
+    if comm.Get_size() == 1:
+        out.copy_(tensor)
+        return out
+    row_bytes = int(np.prod(rest, dtype=np.int64)) * tensor.element_size()
+    counts = [r * row_bytes for r in rows]
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    send = as_bytes(tensor.contiguous())
+    comm.Allgatherv(send, [as_bytes(out), counts, displs, MPI.BYTE])
+    return out
+
+
+def alltoallv(comm: MPI.Comm, tensor: torch.Tensor,
+              splits: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Send rows ``splits[r]`` of `tensor` (in rank order) to rank r; return what arrived."""
+    size = comm.Get_size()
+    send_splits = np.asarray(splits, dtype=np.int64)
+    recv_splits = np.empty(size, dtype=np.int64)
+    comm.Alltoall(send_splits, recv_splits)
+    rest = tuple(tensor.shape[1:])
+    out = torch.empty((int(recv_splits.sum()), *rest), dtype=tensor.dtype)
+    row_bytes = int(np.prod(rest, dtype=np.int64)) * tensor.element_size()
+
+    def layout(counts: np.ndarray) -> tuple[list[int], list[int]]:
+        sizes = (counts * row_bytes).tolist()
+        return sizes, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
+
+    scounts, sdispls = layout(send_splits)
+    rcounts, rdispls = layout(recv_splits)
+    comm.Alltoallv([as_bytes(tensor.contiguous()), scounts, sdispls, MPI.BYTE],
+                   [as_bytes(out), rcounts, rdispls, MPI.BYTE])
+    return out, recv_splits.tolist()

@@ -1,0 +1,1 @@
+"""Counterparts of `horovod.common` that PyTorch scripts import."""
