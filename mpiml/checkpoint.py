@@ -160,6 +160,19 @@ def recover_interrupted(run_dir: str | Path) -> list[str]:
     return done
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A committed `step-<N>` folder, or the newest one of a run directory."""
+    path = Path(path)
+    if (path / "model.pt").is_file() or (path / "meta.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise CheckpointError(f"{path} is neither a checkpoint folder (with model.pt) nor a run "
+                          "directory with committed checkpoints. HINT: pass "
+                          "RUN_DIR/checkpoints/step-<N> or RUN_DIR")
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` committed checkpoints."""
     for path in list_checkpoints(run_dir)[:-keep]:

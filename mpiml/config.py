@@ -20,6 +20,9 @@ import yaml
 
 from mpiml.errors import ConfigError
 
+# The built-in models of mpiml.models (a test keeps the two lists equal).
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "transformer")
+
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
@@ -64,54 +67,92 @@ class DataConfig:
     """Which dataset, and the per-rank batch size (the global batch is world_size times it)."""
 
     # digits: scikit-learn's 8x8 handwritten digits; synthetic: Gaussian clusters from
-    # train.seed; npy: your own arrays, memory-mapped
-    name: Literal["digits", "synthetic", "npy"] = "digits"
+    # train.seed; npy: your own arrays, read a batch of rows at a time; text: the characters of
+    # a UTF-8 file (language modelling); custom: your own function (see README)
+    name: Literal["digits", "synthetic", "npy", "text", "custom"] = "digits"
     batch_size: int = 32  # per rank: the global batch is batch_size x ranks (x accumulate_steps)
     eval_fraction: float = 0.2  # held out when the dataset has no separate eval split
     split_seed: int = 0  # fixes the train/eval split independently of train.seed
+    prefetch: int = 2  # batches one background thread loads ahead of the step; 0 = no thread
+    # npy, custom: the number of classes, checked against the labels before the first step;
+    # null = the largest label + 1 (npy folders: the count in mpiml-dataset.json)
+    num_classes: int | None = None
     samples: int = 4096  # synthetic: number of samples
     features: int = 32  # synthetic: input features
     classes: int = 4  # synthetic: classes (one Gaussian cluster each)
     noise: float = 1.0  # synthetic: standard deviation around each centre; more overlaps more
+    # npy: a folder written by `python -m mpiml.data convert` (its header is checked on
+    # open); or leave it null and give x_path and y_path
+    path: str | None = None
     x_path: str | None = None  # npy: inputs, shape (samples, ...), any numeric dtype
     y_path: str | None = None  # npy: integer labels 0..C-1, shape (samples,)
     eval_x_path: str | None = None  # npy: inputs of a separate eval split (else the last rows)
     eval_y_path: str | None = None  # npy: labels of that eval split
+    # text: a UTF-8 file, or stdlib:MODULE for the source file of a module that ships with
+    # Python (the default is pydoc's help text, about 750 kB: nothing to download)
+    text_path: str = "stdlib:pydoc_data.topics"
+    block_size: int = 64  # text: characters per sample (the model's context length)
+    stride: int | None = None  # text: characters between sample starts; null = block_size
+    function: str | None = None  # custom: 'package.module:function' that returns your data
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom: keyword arguments for it
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                  "a number in [0, 1)")
         _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "an integer >= 0")
+        _require(self.prefetch >= 0, "data.prefetch", self.prefetch, "an integer >= 0")
+        _require(self.num_classes is None or self.num_classes >= 1, "data.num_classes",
+                 self.num_classes, "null or an integer >= 1")
         _require(self.samples >= 1, "data.samples", self.samples, "an integer >= 1")
         _require(self.features >= 1, "data.features", self.features, "an integer >= 1")
         _require(self.classes >= 2, "data.classes", self.classes, "an integer >= 2")
         _require(self.noise >= 0, "data.noise", self.noise, "a number >= 0")
+        _require(self.block_size >= 1, "data.block_size", self.block_size, "an integer >= 1")
+        _require(self.stride is None or self.stride >= 1, "data.stride", self.stride,
+                 "null or an integer >= 1")
         if self.name == "npy":
-            for key in ("x_path", "y_path"):
-                _require(getattr(self, key) is not None, f"data.{key}", None,
-                         "a path to a .npy file when data.name is 'npy'")
+            pair = self.x_path is not None or self.y_path is not None
+            _require(self.path is None or not pair, "data.path", self.path,
+                     "null when data.x_path/data.y_path are given (a folder or a pair, not both)")
+            if self.path is None:
+                for key in ("x_path", "y_path"):
+                    _require(getattr(self, key) is not None, f"data.{key}", None,
+                             "a path to a .npy file when data.name is 'npy' (or set data.path "
+                             "to a folder written by `python -m mpiml.data convert`)")
             _require((self.eval_x_path is None) == (self.eval_y_path is None),
                      "data.eval_x_path", self.eval_x_path,
                      "to be given together with data.eval_y_path, or both left out")
         else:  # a path that would be silently ignored: the user thinks it trains on their data
-            for key in ("x_path", "y_path", "eval_x_path", "eval_y_path"):
+            for key in ("path", "x_path", "y_path", "eval_x_path", "eval_y_path"):
                 _require(getattr(self, key) is None, f"data.{key}", getattr(self, key),
                          f"null unless data.name is 'npy' (data.name is {self.name!r})")
+        if self.name == "custom":
+            _require(self.function is not None and ":" in self.function
+                     and all(self.function.split(":")), "data.function", self.function,
+                     "'package.module:function' when data.name is 'custom'")
+        else:
+            _require(self.function is None and not self.kwargs, "data.function",
+                     self.function, f"null, and data.kwargs empty, unless data.name is 'custom' "
+                     f"(data.name is {self.name!r})")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A built-in model ('mlp', 'cnn') or any 'package.module:Class' built with `kwargs`."""
+    """A built-in model or any 'package.module:Class' built with `kwargs`."""
 
-    name: str = "mlp"  # 'mlp', 'cnn', or 'package.module:Class' for your own nn.Module
-    # keyword arguments for the model (mlp: hidden; cnn: channels, hidden)
+    # 'mlp', 'cnn', 'resnet' (images), 'transformer' (data.name text), or
+    # 'package.module:Class' for your own nn.Module
+    name: str = "mlp"
+    # keyword arguments for the model (mlp: hidden; cnn: channels, hidden; resnet: widths,
+    # blocks; transformer: dim, depth, heads, dropout)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        builtin = self.name in ("mlp", "cnn")
+        builtin = self.name in BUILTIN_MODELS
         _require(builtin or (":" in self.name and all(self.name.split(":"))), "model.name",
-                 self.name, "'mlp', 'cnn' or 'package.module:Class'")
+                 self.name, ", ".join(repr(m) for m in BUILTIN_MODELS)
+                 + " or 'package.module:Class'")
 
 
 @dataclass(frozen=True)

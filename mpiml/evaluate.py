@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mpiml.checkpoint import list_checkpoints, load_tensors, verify_checkpoint
+from mpiml.checkpoint import load_tensors, resolve_checkpoint, verify_checkpoint
 from mpiml.comm import World, build_world
 from mpiml.comm.world import run_or_abort
 from mpiml.config import Config, load_config
@@ -28,19 +28,6 @@ from mpiml.errors import CheckpointError
 from mpiml.evaluation import EvalResult, eval_batch_size, evaluate_model
 from mpiml.models import build_model
 from mpiml.trainer import threads_per_rank
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A committed `step-<N>` folder, or the newest one of a run directory."""
-    path = Path(path)
-    if (path / "model.pt").is_file() or (path / "meta.json").is_file():
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    raise CheckpointError(f"{path} is neither a checkpoint folder (with model.pt) nor a run "
-                          "directory with committed checkpoints. HINT: pass "
-                          "RUN_DIR/checkpoints/step-<N> or RUN_DIR")
 
 
 def _open(path: str | Path, overrides: Sequence[str]) -> tuple[Path, Config, int]:
@@ -57,7 +44,8 @@ def evaluate_checkpoint(world: World, path: str | Path, split: str = "eval",
     torch.set_num_threads(threads_per_rank(world.local_size, cfg.train.threads))
     dataset = world.run_together(lambda: build_dataset(cfg.data, cfg.train.seed))
     model = world.run_together(lambda: build_model(
-        cfg.model.name, cfg.model.kwargs, dataset.input_shape, dataset.num_classes))
+        cfg.model.name, cfg.model.kwargs, dataset.input_shape, dataset.num_classes,
+        dataset.kind))
 
     def load() -> None:
         state = load_tensors(folder, "model")

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpiml.comm import World
-from mpiml.data import Split, eval_shard
+from mpiml.data import Samples, eval_shard
+from mpiml.losses import count_correct, cross_entropy
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    loss: float  # mean cross-entropy per sample
-    accuracy: float  # share of samples whose arg-max prediction is the label
-    samples: int
+    loss: float  # mean cross-entropy per prediction (per sample, or per token for text)
+    accuracy: float  # share of predictions whose arg-max is the target
+    samples: int  # predictions counted: samples, or tokens for text
 
 
 def eval_batch_size(train_batch_size: int) -> int:
@@ -30,7 +30,7 @@ def eval_batch_size(train_batch_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, split: Split, world: World,
+def evaluate_model(model: torch.nn.Module, split: Samples, world: World,
                    batch_size: int) -> EvalResult | None:
     """Evaluate on `split` across the world (a collective: every rank calls it); None if empty."""
     was_training = model.training
@@ -38,8 +38,8 @@ def evaluate_model(model: torch.nn.Module, split: Split, world: World,
     totals = np.zeros(3)  # loss sum, correct, samples
     for x, y in eval_shard(split, world.rank, world.size, batch_size):
         logits = model(x)
-        totals += (float(F.cross_entropy(logits, y, reduction="sum")),
-                   float((logits.argmax(1) == y).sum()), len(y))
+        totals += (float(cross_entropy(logits, y, reduction="sum")), count_correct(logits, y),
+                   y.numel())
     loss_sum, correct, count = world.allreduce_sum(totals)
     model.train(was_training)
     if count == 0:

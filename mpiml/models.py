@@ -1,8 +1,7 @@
-"""Models by name: the built-in `mlp` and `cnn`, or any `package.module:Class`."""
+"""Models by name: built-ins (`mlp`, `cnn`, `resnet`, `transformer`) or `package.module:Class`."""
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +10,8 @@ import torch
 from torch import nn
 
 from mpiml.errors import ConfigError
+from mpiml.plugins import import_object
+from mpiml.zoo import CausalTransformer, ResNet
 
 
 class MLP(nn.Module):
@@ -54,33 +55,27 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-BUILTIN = {"mlp": MLP, "cnn": CNN}
-
-
-def import_object(spec: str, key: str) -> Any:
-    """Resolve 'package.module:Name', telling a failing import apart from a missing name."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            raise ConfigError(f"{key} = {spec!r}: no module named '{module_name}' (HINT: is its "
-                              "package installed, or its folder on PYTHONPATH?)") from err
-        raise ConfigError(f"{key} = {spec!r}: module '{module_name}' exists but failed to import: "
-                          f"{type(err).__name__}: {err}") from err
-    except Exception as err:
-        raise ConfigError(f"{key} = {spec!r}: module '{module_name}' exists but failed to import: "
-                          f"{type(err).__name__}: {err}") from err
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"{key} = {spec!r}: module '{module_name}' has no '{attr}'") from None
+BUILTIN: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
+                                       "transformer": CausalTransformer}
+TOKEN_MODELS = {"transformer"}  # built-ins that take token ids and predict one per position
 
 
 def build_model(name: str, kwargs: dict[str, Any], input_shape: Sequence[int],
-                num_classes: int) -> nn.Module:
-    """Built-ins get the dataset's shape and class count; user classes get only `kwargs`."""
+                num_classes: int, kind: str = "classes") -> nn.Module:
+    """Built-ins get the dataset's shape and class count; user classes get only `kwargs`.
+
+    `kind` is the dataset's: "classes" (a label per sample) or "tokens" (a target per position);
+    a built-in made for the other kind is a config error, not a shape error mid-step.
+    """
     if name in BUILTIN:
+        if (name in TOKEN_MODELS) != (kind == "tokens"):
+            wants = "token sequences (data.name = 'text')" if name in TOKEN_MODELS else \
+                "a label per sample"
+            fits = sorted(TOKEN_MODELS if kind == "tokens" else set(BUILTIN) - TOKEN_MODELS)
+            raise ConfigError(f"model.name = {name!r} is made for {wants}, but this dataset "
+                              f"has {'token sequences' if kind == 'tokens' else 'class labels'}."
+                              f" HINT: use model.name = one of {fits}, or a "
+                              "'package.module:Class'")
         factory, args = BUILTIN[name], (tuple(input_shape), num_classes)
     else:
         factory, args = import_object(name, "model.name"), ()

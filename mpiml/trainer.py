@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import mpiml
 from mpiml.checkpoint import check_room, prune_checkpoints, save_checkpoint
@@ -27,6 +26,7 @@ from mpiml.config import Config, dump_config
 from mpiml.data import Dataset, ShardedLoader, build_dataset
 from mpiml.errors import CheckpointError, NonFiniteLossError, unwinding_alone
 from mpiml.evaluation import eval_batch_size, evaluate_model
+from mpiml.losses import cross_entropy
 from mpiml.models import build_model
 from mpiml.optim import PartStepper, build_optimizer, build_scheduler
 from mpiml.resume import ResumePoint, load_resume_state, reseed, rng_state, set_rng_state
@@ -92,9 +92,10 @@ class Trainer:
         self.micro_batches = cfg.train.accumulate_steps
         self.loader = world.run_together(lambda: ShardedLoader(
             self.dataset.train, cfg.data.batch_size * self.micro_batches, world.rank, world.size,
-            cfg.train.seed))
+            cfg.train.seed, prefetch=cfg.data.prefetch))
         self.model = world.run_together(lambda: build_model(
-            cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes))
+            cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes,
+            self.dataset.kind))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
                              cfg.comm.algorithm, cfg.comm.compression)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
@@ -197,7 +198,7 @@ class Trainer:
         for i, (xs, ys) in enumerate(pieces):
             last = i == len(pieces) - 1
             with nullcontext() if last else self.sync.no_sync():
-                loss = F.cross_entropy(self.model(xs), ys) * (len(ys) / len(y))
+                loss = cross_entropy(self.model(xs), ys) * (len(ys) / len(y))
                 loss.backward()  # bucket allreduces start from hooks as gradients get ready
             total += float(loss.detach())
         return total

@@ -58,7 +58,7 @@ def mpiml_trainer(np_: int, epochs: int, tmp: Path) -> float:
     run_dir = tmp / f"trainer-{time.monotonic_ns()}"
     run(np_, [sys.executable, "-m", "mpiml.train", "configs/digits_mlp.yaml",
               "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=null",
-              "--set", "log.progress=off", "--set", f"run.dir={run_dir}"])
+              "--set", "log.progress='off'", "--set", f"run.dir={run_dir}"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
     return statistics.median(rates)

@@ -5,8 +5,10 @@
 Every rank trains the same model on the same synthetic batches with the same thread count, in
 rounds that interleave the contenders (so machine noise hits all of them alike):
 
-- ``mpiml``: GradSync (fused buckets, overlap with backward), the loop of mpiml's trainer;
-- ``mpiml_sync``: the same with overlap off, whose wait is the whole communication time;
+- ``mpiml``: GradSync (fused buckets, overlap with backward) and the optimizer stepped bucket
+  by bucket as averages arrive (`optim.PartStepper`): the loop of mpiml's trainer;
+- ``mpiml_sync``: overlap off and one optimizer step after the whole sync, whose wait is the
+  whole communication time;
 - ``ddp``: torch DistributedDataParallel on gloo;
 - ``local``: the same loop with no gradient sync at all (every rank at once);
 - ``single``: rank 0 alone while the others wait (plain one-process PyTorch on one core).

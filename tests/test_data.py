@@ -63,19 +63,26 @@ def test_synthetic_is_deterministic_from_the_seed():
     assert not np.array_equal(a.train.x, c.train.x)
 
 
-def test_npy_is_memory_mapped(tmp_path):
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 4), dtype=np.float32))
+def test_npy_pair_reads_only_the_rows_of_each_batch(tmp_path):
+    x = np.random.default_rng(0).random((50, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.arange(50) % 5)
     cfg = DataConfig(name="npy", x_path=str(tmp_path / "x.npy"), y_path=str(tmp_path / "y.npy"),
                      eval_fraction=0.2)
     ds = build_dataset(cfg, 0)
-    assert isinstance(ds.train.x, np.memmap) or isinstance(ds.train.x.base, np.memmap)
     assert (len(ds.train), len(ds.eval), ds.num_classes, ds.input_shape) == (40, 10, 5, (4,))
+    loader = ShardedLoader(ds.train, 3, 1, 2, seed=0)
+    before = ds.train.x.bytes_read
+    batches = list(loader.epoch(0))
+    rows = np.sort(loader.indices(0).reshape(-1, 3), axis=1).reshape(-1)
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in batches]), x[rows])
+    # Rank 1 of 2 read exactly its own rows, 16 bytes each, and nothing else.
+    assert ds.train.x.bytes_read - before == len(rows) * 16 == 6 * 3 * 16
 
 
 @pytest.mark.parametrize("x,y,message", [
     (None, np.zeros(5, np.int64), "data.x_path: no file at"),
-    (np.zeros((5, 2), np.float32), np.zeros(4, np.int64), "has 5 samples but data.y_path has 4"),
+    (np.zeros((5, 2), np.float32), np.zeros(4, np.int64), "x.npy has 5 samples but data.y_path"),
     (np.zeros((5, 2), np.float32), np.zeros(5, np.float32), "labels must be integers"),
     (np.zeros((5, 2), np.float32), -np.ones(5, np.int64), "negative labels"),
     (np.zeros(5, np.float32), np.zeros(5, np.int64), "at least 2 dimensions"),

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from mpiml.checkpoint import resolve_checkpoint
+from mpiml.errors import CheckpointError
+
 from mpirun import REPO, SUPPORT, kill_group, mpiexec, python, run_mpi
 
 SMALL = ["--set", "data.name=synthetic", "--set", "data.samples=480", "--set", "data.features=8",
@@ -93,11 +96,22 @@ def test_evaluate_agrees_with_the_final_logged_accuracy(trained, n):
     assert got["loss"] == pytest.approx(final["eval_loss"], abs=2e-6)
 
 
-def test_evaluate_names_a_missing_checkpoint(tmp_path):
-    done = subprocess.run([python(), "-m", "mpiml.evaluate", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert done.returncode == 2
-    assert f"{tmp_path / 'nothing'} is neither a checkpoint folder" in done.stderr
+def test_evaluate_rejects_weights_that_do_not_fit_the_model(trained):
+    run_dir, _ = trained
+    job = run_mpi(1, [python(), "-m", "mpiml.evaluate", str(run_dir), "--set",
+                      "model.kwargs={rank: 1, features: 8, classes: 3, hidden: 5}"], timeout=90)
+    assert job.returncode == 2, job.output
+    assert "model.pt does not fit model 'mpiml_testkit:SlowOnRank'" in job.stderr, job.output
+
+
+def test_evaluate_finds_the_newest_checkpoint_or_names_what_is_missing(trained, tmp_path):
+    run_dir, _ = trained
+    newest = resolve_checkpoint(run_dir)
+    assert newest.name == f"step-{records(run_dir)[-1]['step']}"
+    assert resolve_checkpoint(newest) == newest
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint(tmp_path / "nothing")
+    assert f"{tmp_path / 'nothing'} is neither a checkpoint folder" in str(err.value)
 
 
 def _is_png(path: Path) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from mpi4py import MPI
 
 from mpiml.comm import ops
 from mpiml.comm.ops import DTYPE_CODE, OP_NAMES, dtype_name
+from mpiml.comm.ring import blocking_wait, polling_wait
 from mpiml.errors import CommError
 
 (ALLREDUCE, ALLGATHER, BROADCAST, ALLTOALL, REDUCESCATTER, BARRIER, JOIN, BCAST_OBJECT,
@@ -155,11 +156,11 @@ class Allreduce(Collective):
                 if dst is not src:
                     dst.detach().copy_(src.detach())
                 ops.allreduce_flat_(engine.comm, dst.detach().view(-1), self.op, self.prescale,
-                                    self.postscale, engine.reducers)
+                                    self.postscale, engine.reducers, engine.wait)
                 continue
             flat = torch.cat([self.inputs[i].detach().reshape(-1) for i in members])
             ops.allreduce_flat_(engine.comm, flat, self.op, self.prescale, self.postscale,
-                                engine.reducers)
+                                engine.reducers, engine.wait)
             offset = 0
             for i in members:
                 out = self.outputs[i].detach()
@@ -416,6 +417,9 @@ class Engine:
         self.thread_multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self.reducers = ops.ReducerCache(self.comm)
         self.calls = 0  # collectives performed: named in error messages
+        # How the running op waits for MPI: spinning on the caller's thread, sleeping between
+        # tests on the background thread (which shares a core with backward).
+        self.wait = blocking_wait
         self._sigs = np.zeros((self.size, SIG_LEN), dtype=np.int64)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()   # guards _pending
@@ -465,10 +469,13 @@ class Engine:
             op, handle = item
             result, error = None, None
             with self._exec:
+                self.wait = polling_wait
                 try:
                     result = self._perform(op)
                 except BaseException as err:  # noqa: BLE001 - handed to whoever waits
                     error = err
+                finally:
+                    self.wait = blocking_wait
             with self._lock:
                 self._pending -= 1
             handle._finish(result, error)
@@ -480,7 +487,7 @@ class Engine:
     # -- performing ------------------------------------------------------------------------------
     def _exchange(self, sig: np.ndarray) -> np.ndarray:
         self.calls += 1
-        self.comm.Allgather(sig, self._sigs)
+        self.wait(self.comm.Iallgather(sig, self._sigs))
         return self._sigs
 
     def _perform(self, op: Collective) -> Any:
@@ -540,7 +547,8 @@ class Engine:
                 _, buffers, op, prescale, postscale = plan
                 for dtype, n in buffers:
                     zeros = ops.identity_like(torch.empty(n, dtype=dtype), op)
-                    ops.allreduce_flat_(self.comm, zeros, op, prescale, postscale, self.reducers)
+                    ops.allreduce_flat_(self.comm, zeros, op, prescale, postscale, self.reducers,
+                                        self.wait)
             waited += 1
 
     # -- life cycle ------------------------------------------------------------------------------

@@ -19,11 +19,14 @@ Numerics, chosen to give the results Horovod's CPU path gives:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpiml.comm.allreduce import Allreducer
+from mpiml.comm.ring import blocking_wait
 from mpiml.errors import CommError
 
 # Reduction operators, numbered as Horovod numbers them (ReduceOp in horovod/common).
@@ -113,8 +116,14 @@ class ReducerCache:
 
 
 def _sum_or_reduce(comm: MPI.Comm, flat: torch.Tensor, op: int,
-                   reducers: ReducerCache | None) -> None:
-    """Reduce a flat float32/float64/integer tensor in place across `comm`."""
+                   reducers: ReducerCache | None, wait: Callable[[MPI.Request], None]) -> None:
+    """Reduce a flat float32/float64/integer tensor in place across `comm`.
+
+    Below the ring threshold this is MPI's nonblocking Iallreduce, finished by `wait`: a
+    communication thread that shares its core with backward passes a polling wait that
+    sleeps instead of spinning (`ring.polling_wait`). Nonblocking on every rank either way,
+    since MPI never matches a blocking collective with a nonblocking one.
+    """
     if comm.Get_size() == 1:
         return
     nbytes = flat.numel() * flat.element_size()
@@ -122,23 +131,24 @@ def _sum_or_reduce(comm: MPI.Comm, flat: torch.Tensor, op: int,
             and nbytes >= RING_THRESHOLD_BYTES):
         reducers.get(flat.dtype, flat.numel())(as_numpy(flat))
         return
-    comm.Allreduce(MPI.IN_PLACE, as_numpy(flat), op=_MPI_OP[op])
+    wait(comm.Iallreduce(MPI.IN_PLACE, as_numpy(flat), op=_MPI_OP[op]))
 
 
 def allreduce_flat_(comm: MPI.Comm, flat: torch.Tensor, op: int, prescale: float = 1.0,
-                    postscale: float = 1.0, reducers: ReducerCache | None = None) -> None:
+                    postscale: float = 1.0, reducers: ReducerCache | None = None,
+                    wait: Callable[[MPI.Request], None] = blocking_wait) -> None:
     """Reduce the contiguous 1-D tensor `flat` in place with Horovod's op and scaling."""
     if op == AVERAGE:
         postscale = postscale / comm.Get_size()
     if flat.dtype in _HALF:
         work = flat.float()
         scale_(work, prescale)
-        _sum_or_reduce(comm, work, op, reducers)
+        _sum_or_reduce(comm, work, op, reducers, wait)
         scale_(work, postscale)
         flat.copy_(work)
         return
     scale_(flat, prescale)
-    _sum_or_reduce(comm, flat, op, reducers)
+    _sum_or_reduce(comm, flat, op, reducers, wait)
     scale_(flat, postscale)
 
 
