@@ -45,7 +45,7 @@ def build(cfg: Config, ranks: int) -> str:
     loader = ShardedLoader(dataset.train, cfg.data.batch_size * cfg.train.accumulate_steps, 0,
                            ranks, cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.kwargs, dataset.input_shape,
-                        dataset.num_classes)
+                        dataset.num_classes, dataset.kind)
     params = sum(p.numel() for p in model.parameters())
     return (f"# built: data {cfg.data.name} ({len(dataset.train):,} train / "
             f"{len(dataset.eval):,} eval, inputs {tuple(dataset.input_shape)}, "

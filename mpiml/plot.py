@@ -3,7 +3,8 @@
 Writes `loss.png` (training loss, and evaluation loss as markers), `accuracy.png` (evaluation
 accuracy), `throughput.png` (global samples/s), `lr.png` (learning rate per step) and
 `breakdown.png` (where a step's time goes: data, forward/backward, exposed communication,
-optimizer, one panel per run, with the slowest rank's step time on top). Several runs are
+optimizer, one panel per run, with the slowest rank's step time and the busiest rank's work
+per step on top). Several runs are
 overlaid, each labelled by its run directory, so two settings compare at a glance.
 
 Uses matplotlib's `Figure` directly (the Agg renderer, no pyplot, no display): it runs on a
@@ -135,6 +136,9 @@ def plot_breakdown(runs: list[Run], out: Path) -> Path:
         slow_steps, slowest = _series(records, "slowest_step_ms")
         if slow_steps:
             ax.plot(slow_steps, slowest, "k--", linewidth=1, label="slowest rank's step")
+        busy_steps, busiest = _series(records, "busy_ms_max")
+        if busy_steps:  # above rank 0's own busy time (the stack without comm): a straggler
+            ax.plot(busy_steps, busiest, "k:", linewidth=1.5, label="busiest rank's work")
         ax.legend(fontsize="small", loc="upper right")
     axes[-1].set_xlabel("optimizer step")
     path = out / "breakdown.png"

@@ -193,3 +193,11 @@ def test_custom_map_style_without_class_count():
 def test_custom_needs_a_function():
     with pytest.raises(ConfigError, match="data.function = None is invalid"):
         DataConfig(name="custom")
+
+
+def test_check_config_builds_the_text_transformer(capsys):
+    from mpiml.check_config import main as check_main
+
+    assert check_main(["configs/text_transformer.yaml", "--build", "--set",
+                       "model.kwargs={dim: 16, depth: 1, heads: 2}"]) == 0
+    assert "model transformer" in capsys.readouterr().out

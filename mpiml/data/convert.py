@@ -10,6 +10,7 @@ write. `.npz`: arrays are streamed out of the archive a chunk of rows at a time.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import zipfile
@@ -45,7 +46,8 @@ class Converted:
 # -- CSV ----------------------------------------------------------------------------------------
 
 def _fields(line: str, delimiter: str) -> list[str]:
-    return [f.strip().strip('"') for f in line.rstrip("\r\n").split(delimiter)]
+    """The fields of one CSV line (quotes honoured, so a quoted field may hold the delimiter)."""
+    return [f.strip() for f in next(csv.reader([line], delimiter=delimiter), [])]
 
 
 def _is_number(text: str) -> bool:
@@ -198,7 +200,7 @@ def convert_csv(path: Path, out: Path, prefix: str, dtype: np.dtype, delimiter: 
         for first, lines in _csv_chunks(path, delimiter, shape.header is not None):
             features = _parse_features(path, first, lines, delimiter, feature_cols)
             wx.write(_cast(features, dtype, path))
-            raw = [_fields(line, delimiter)[shape.label_col] for line in lines]
+            raw = [row[shape.label_col] for row in csv.reader(lines, delimiter=delimiter)]
             wy.write(np.array([label_map[v] for v in raw] if label_map else
                               [_as_int(v) for v in raw], dtype=np.int64))
     done = Converted(class_names=names)
