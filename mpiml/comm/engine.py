@@ -15,6 +15,12 @@ gathers a readable description of every rank's call and raises the same `Collect
 naming what differed and on which ranks: a mismatch is an error everywhere, never a hang, and
 the engine stays usable (every rank skipped the op).
 
+Tiny allreduces and broadcasts (up to 256 bytes) travel inside that same exchange: the block
+every rank contributes is the signature plus 256 bytes of payload, always the same size, so
+the exchange matches whatever the op is. When the signatures agree, each rank reduces the
+gathered payloads itself, in rank order (every rank gets the same bits): one MPI call
+instead of two.
+
 `join` follows Horovod: a rank that joined keeps answering the others' collectives until all
 have joined, contributing the identity of the reduction (zeros for Sum and Average) to their
 allreduces; other collectives while a rank has joined are an error on every rank.
@@ -73,6 +79,8 @@ def _bits(x: float) -> int:
 _ONE_BITS = struct.unpack("<q", struct.pack("<d", 1.0))[0]
 _ONE_DTYPE = {dtype: _crc([code]) for dtype, code in DTYPE_CODE.items()}  # one-tensor ops
 _SIG_BYTES = SIG_LEN * 8
+PAYLOAD_BYTES = 256  # data that rides along with the signature (tiny allreduces, broadcasts)
+_BLOCK = SIG_LEN + PAYLOAD_BYTES // 8
 _SHAPES: dict[tuple, int] = {}  # shape hashes of recent calls: the same shapes recur
 
 
@@ -116,6 +124,13 @@ class Collective:
         return {"op": KIND_NAMES[self.kind], "name": self.name, "error": self.error}
 
     def run(self, engine: Engine, sigs: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def payload(self) -> np.ndarray | None:
+        """Bytes small enough to travel with the signature (then `run_small` finishes)."""
+        return None
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> Any:
         raise NotImplementedError
 
     def join_plan(self) -> tuple | None:
@@ -185,6 +200,22 @@ class Allreduce(Collective):
                 offset += out.numel()
         return self.outputs
 
+    def payload(self) -> np.ndarray | None:
+        if len(self.inputs) != 1 or self.error is not None:
+            return None
+        t = self.inputs[0]  # eligibility may depend only on what the signature compares
+        if t.numel() * t.element_size() > PAYLOAD_BYTES:
+            return None
+        return ops.as_bytes(t.contiguous())
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> list[torch.Tensor]:
+        """Reduce every rank's gathered values here, in rank order: the same bits everywhere."""
+        src, out = self.inputs[0], self.outputs[0].detach()
+        result = ops.reduce_gathered(payloads, src.dtype, src.numel(), self.op, self.prescale,
+                                     self.postscale)
+        out.copy_(result.view(out.shape))
+        return self.outputs
+
     def join_plan(self) -> tuple:
         buffers = [(dtype, sum(self.inputs[i].numel() for i in members))
                    for dtype, members in self._groups().items()]
@@ -213,6 +244,18 @@ class Broadcast(Collective):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dtype": dtype_name(self.tensor.dtype),
                 "shape": _shape(self.tensor), "root rank": self.root}
+
+    def payload(self) -> np.ndarray | None:
+        t = self.tensor
+        if self.error is not None or t.numel() * t.element_size() > PAYLOAD_BYTES:
+            return None
+        return ops.as_bytes(t.contiguous())
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> torch.Tensor:
+        t = self.tensor
+        value = ops.from_bytes(payloads[self.root], t.dtype, t.numel())
+        self.output.detach().copy_(value.view(self.output.shape))
+        return self.output
 
     def run(self, engine: Engine, sigs: np.ndarray) -> torch.Tensor:
         out = self.output.detach()
@@ -442,8 +485,10 @@ class Engine:
         self.wait = blocking_wait
         # Both signature buffers live as long as the engine: MPI libraries register the
         # memory they send from, and a fresh array per call cost ~100 us here (MPICH/UCX).
-        self._sig = np.zeros(SIG_LEN, dtype=np.int64)
-        self._sigs = np.zeros((self.size, SIG_LEN), dtype=np.int64)
+        self._block = np.zeros(_BLOCK, dtype=np.int64)
+        self._blocks = np.zeros((self.size, _BLOCK), dtype=np.int64)
+        self._sig_bytes = self._block.view(np.uint8)[_SIG_BYTES:]
+        self._payloads = self._blocks[:, SIG_LEN:].view(np.uint8)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()   # guards _pending
         self._exec = threading.Lock()   # one collective at a time, in submission order
@@ -510,26 +555,32 @@ class Engine:
             raise CommError("this communication engine was shut down")
 
     # -- performing ------------------------------------------------------------------------------
-    def _exchange(self, sig: list[int]) -> np.ndarray:
+    def _exchange(self, sig: list[int], payload: np.ndarray | None = None) -> np.ndarray:
+        """Every rank's signature, as a (size, 12) array; payloads land in `_payloads`."""
         self.calls += 1
+        self._block[:SIG_LEN] = sig
+        if payload is not None:
+            self._sig_bytes[:payload.size] = payload
         if self.size == 1:  # nothing to compare with (a local error still shows in the flag)
-            self._sigs[0] = sig
-            return self._sigs
-        self._sig[:] = sig
-        self.wait(self.comm.Iallgather(self._sig, self._sigs))
-        return self._sigs
+            self._blocks[0] = self._block
+        else:
+            self.wait(self.comm.Iallgather(self._block, self._blocks))
+        return self._blocks[:, :SIG_LEN]
 
     def _perform(self, op: Collective) -> Any:
         if op.kind == JOIN:
             return self._join()
-        sigs = self._exchange(op.signature())
+        payload = op.payload()
+        sigs = self._exchange(op.signature(), payload)
         raw = sigs.tobytes()  # the fast path: every rank sent the same 12 integers
         if sigs[0, F_ERROR] or raw != raw[:_SIG_BYTES] * self.size:
             if (sigs[:, F_KIND] == JOIN).any():
-                return self._with_joined(op, sigs)
+                return self._with_joined(op, sigs.copy())
             if _first_difference(sigs, op.kind) is not None or sigs[:, F_ERROR].any():
-                self._raise_mismatch(op, sigs)
-        return op.run(self, sigs)
+                self._raise_mismatch(op, sigs.copy())
+        elif payload is not None:  # agreed, and the data came along: done in one call
+            return op.run_small(self, self._payloads)
+        return op.run(self, sigs.copy())
 
     def _raise_mismatch(self, op: Collective, sigs: np.ndarray,
                         ranks: Sequence[int] | None = None) -> None:
