@@ -28,6 +28,7 @@ allreduces; other collectives while a rank has joined are an error on every rank
 
 from __future__ import annotations
 
+import math
 import queue
 import struct
 import threading
@@ -148,6 +149,10 @@ class Allreduce(Collective):
         super().__init__(name)
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.op, self.prescale, self.postscale = op, float(prescale), float(postscale)
+        # Read once: every torch attribute access from Python costs about a microsecond.
+        self._shapes = tuple(tuple(t.shape) for t in self.inputs)
+        self._dtypes = [t.dtype for t in self.inputs]
+        self._numel = sum(math.prod(shape) for shape in self._shapes)
         try:
             if not self.inputs:
                 raise CommError("no tensors to reduce")
@@ -160,12 +165,10 @@ class Allreduce(Collective):
             self.error = str(err)
 
     def fields(self) -> dict[int, int]:
-        inputs = self.inputs
-        dtypes = (_ONE_DTYPE[inputs[0].dtype] if len(inputs) == 1
-                  else _crc([DTYPE_CODE[t.dtype] for t in inputs]))
-        return {F_DTYPE: dtypes, F_OP: self.op,
-                F_NUMEL: sum(t.numel() for t in inputs), F_NDIM: inputs[0].dim(),
-                F_SHAPE: _shape_crc(tuple(tuple(t.shape) for t in inputs)),
+        dtypes = (_ONE_DTYPE[self._dtypes[0]] if len(self._dtypes) == 1
+                  else _crc([DTYPE_CODE[d] for d in self._dtypes]))
+        return {F_DTYPE: dtypes, F_OP: self.op, F_NUMEL: self._numel,
+                F_NDIM: len(self._shapes[0]), F_SHAPE: _shape_crc(self._shapes),
                 F_PRE: _bits(self.prescale), F_POST: _bits(self.postscale)}
 
     def describe(self) -> dict[str, Any]:
@@ -203,17 +206,17 @@ class Allreduce(Collective):
     def payload(self) -> np.ndarray | None:
         if len(self.inputs) != 1 or self.error is not None:
             return None
-        t = self.inputs[0]  # eligibility may depend only on what the signature compares
-        if t.numel() * t.element_size() > PAYLOAD_BYTES:
+        # Eligibility may depend only on what the signature compares (not on contiguity).
+        if self._numel * ops.ITEMSIZE[self._dtypes[0]] > PAYLOAD_BYTES:
             return None
-        return ops.as_bytes(t.contiguous())
+        return ops.as_bytes(self.inputs[0].contiguous())
 
     def run_small(self, engine: Engine, payloads: np.ndarray) -> list[torch.Tensor]:
         """Reduce every rank's gathered values here, in rank order: the same bits everywhere."""
-        src, out = self.inputs[0], self.outputs[0].detach()
-        result = ops.reduce_gathered(payloads, src.dtype, src.numel(), self.op, self.prescale,
-                                     self.postscale)
-        out.copy_(result.view(out.shape))
+        out = self.outputs[0].detach()
+        result = ops.reduce_gathered(payloads, self._dtypes[0], self._numel, self.op,
+                                     self.prescale, self.postscale)
+        out.copy_(result.view(self._shapes[0]))
         return self.outputs
 
     def join_plan(self) -> tuple:
@@ -354,7 +357,12 @@ class Reducescatter(Collective):
         super().__init__(name)
         self.tensors = list(tensors)
         self.op, self.prescale, self.postscale = op, float(prescale), float(postscale)
+        self._shapes = tuple(tuple(t.shape) for t in self.tensors)  # as in Allreduce
+        self._dtypes = [t.dtype for t in self.tensors]
+        self._numel = sum(math.prod(shape) for shape in self._shapes)
         try:
+            if not self.tensors:
+                raise CommError("no tensors to reduce")
             if op not in ops._MPI_OP:
                 raise CommError(f"reduction op {OP_NAMES.get(op, op)} is not supported by "
                                 "reducescatter; use Average, Sum, Min, Max or Product")

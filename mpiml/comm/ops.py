@@ -42,7 +42,7 @@ DTYPE_CODE = {dtype: i + 1 for i, dtype in enumerate(DTYPES)}
 REDUCIBLE = frozenset(DTYPES[:-1])
 _HALF = (torch.float16, torch.bfloat16)
 _RING_KIND = {torch.float32: "float32", torch.float64: "float64"}
-_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPES}
+ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPES}
 RING_THRESHOLD_BYTES = 1 << 20  # below this MPI's own Allreduce wins (see allreduce.py)
 
 
@@ -79,7 +79,7 @@ def as_bytes(tensor: torch.Tensor) -> np.ndarray:
 
 def from_bytes(raw: np.ndarray, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """A new flat tensor of `dtype` from the first bytes of `raw` (a uint8 array)."""
-    data = torch.from_numpy(raw[:numel * _ITEMSIZE[dtype]].copy())
+    data = torch.from_numpy(raw[:numel * ITEMSIZE[dtype]].copy())
     return data.view(dtype) if numel else torch.empty(0, dtype=dtype)
 
 
@@ -109,7 +109,7 @@ def reduce_gathered(block: np.ndarray, dtype: torch.dtype, numel: int, op: int,
     if np_type is None:  # bfloat16: no numpy type, reduce with torch
         rows = [from_bytes(block[r], dtype, numel) for r in range(size)]
         return _reduce_rows_torch(rows, op, prescale, postscale, size)
-    values = block[:, :numel * _ITEMSIZE[dtype]].view(np_type)
+    values = block[:, :numel * ITEMSIZE[dtype]].view(np_type)
     if np_type == np.float16:
         values = values.astype(np.float32)
     with np.errstate(all="ignore"):  # overflow wraps or gives inf silently, as in MPI
