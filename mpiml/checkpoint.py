@@ -8,6 +8,7 @@ at all; readers also insist on the marker, and on the checksums when asked to ve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,8 +42,9 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any],
-                    meta: dict[str, Any]) -> Path:
-    """Write `tensors` (file stem -> object for torch.save) and `meta`; return the folder."""
+                    meta: dict[str, Any], texts: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (file stem -> object for torch.save), `texts` (file name -> content)
+    and `meta`; return the folder. Every file is checksummed and in place before the marker."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp-{os.getpid()}"
@@ -59,6 +61,12 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any],
                 f.flush()
                 os.fsync(f.fileno())
             files[path.name] = _sha256(path)
+        for name, text in (texts or {}).items():
+            with open(tmp / name, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            files[name] = _sha256(tmp / name)
         with open(tmp / "meta.json", "w") as f:
             json.dump({**meta, "step": step, "files": files}, f, indent=1)
             f.flush()
@@ -85,6 +93,35 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any],
     return final
 
 
+def check_room(run_dir: str | Path, need_bytes: int) -> None:
+    """Before training: can checkpoints be written in `run_dir`, and is there room for one?
+
+    Finding out at the first save wastes the work until then; finding out at a later save
+    is still handled (an error on every rank, earlier checkpoints untouched).
+    """
+    root = Path(run_dir) / "checkpoints"
+    probe = root / f".probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"mpiml")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write checkpoints in {root}: {err.strerror or err}. HINT: choose a "
+            "writable folder with --set run.dir=PATH") from err
+    if free < need_bytes:
+        raise CheckpointError(
+            f"{root} has {free / 2**20:.2f} MiB free, but a checkpoint needs about "
+            f"{need_bytes / 2**20:.2f} MiB. HINT: free some space, or choose another "
+            "run.dir")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Committed checkpoint folders of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -96,6 +133,31 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         if match and (entry / MARKER).is_file():
             found.append((int(match.group(1)), entry))
     return [path for _, path in sorted(found)]
+
+
+def recover_interrupted(run_dir: str | Path) -> list[str]:
+    """Tidy what a save killed half-way left behind; return one line per thing done.
+
+    A temporary folder is never a checkpoint: it is removed. A replaced checkpoint parked as
+    `.step-N.old-*` while its successor was renamed in is put back if the successor is
+    missing (the job died between the two renames), else removed.
+    """
+    root = Path(run_dir) / "checkpoints"
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for entry in sorted(root.iterdir()):
+        match = re.match(r"^\.(step-\d+)\.(tmp|old)-\d+$", entry.name)
+        if not match or not entry.is_dir():
+            continue
+        final = root / match.group(1)
+        if match.group(2) == "old" and not final.exists() and (entry / MARKER).is_file():
+            os.replace(entry, final)
+            done.append(f"restored {final} from {entry.name} (a replacement was interrupted)")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed {entry} (left by a save that did not finish)")
+    return done
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

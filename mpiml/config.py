@@ -46,6 +46,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every_epochs: int = 1  # epochs between evaluations; the last epoch is always evaluated
     threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node
+    # a NaN/inf loss on any rank: abort (exit 3) or skip the update, the same on every rank
+    nonfinite: Literal["abort", "skip"] = "abort"
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
@@ -203,9 +205,13 @@ class CommConfig:
     compression: Literal["none", "fp16", "bf16"] = "none"  # 16-bit wire, summed in float32
     bucket_mb: float = 4.0  # gradients are fused into buckets of about this many MiB
     overlap: bool = True  # start each bucket's allreduce during backward
+    # abort the job (exit 4) when a collective waits this long for a rank; null: never
+    timeout_s: float | None = 300.0
 
     def __post_init__(self) -> None:
         _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "a number > 0")
+        _require(self.timeout_s is None or self.timeout_s > 0, "comm.timeout_s", self.timeout_s,
+                 "null or a number of seconds > 0")
         _require(self.compression == "none" or self.algorithm != "mpi", "comm.compression",
                  self.compression, "'none' when comm.algorithm is 'mpi' (MPI cannot add 16-bit "
                  "values in float32)")

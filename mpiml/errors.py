@@ -9,11 +9,21 @@ class MpimlError(Exception):
     """
 
     shared: bool = False
+    exit_code: int = 2  # what the job exits with when every rank agreed on this error
 
     def agreed(self) -> "MpimlError":
         """Mark as a verdict every rank reached together (so the job may end cleanly)."""
         self.shared = True
         return self
+
+
+def unwinding_alone(exc: BaseException | None) -> bool:
+    """True when `exc` ends this rank only, not as an error every rank agreed on.
+
+    Cleanup on that path must not wait for the other ranks: they may be blocked in a
+    collective this rank will never join, and the job is about to be aborted anyway.
+    """
+    return exc is not None and not (isinstance(exc, MpimlError) and exc.shared)
 
 
 class ConfigError(MpimlError, ValueError):
@@ -30,3 +40,9 @@ class CheckpointError(MpimlError, RuntimeError):
 
 class CommError(MpimlError, RuntimeError):
     """Ranks disagree (layout, lengths, launcher) or a collective cannot proceed."""
+
+
+class NonFiniteLossError(MpimlError, FloatingPointError):
+    """The loss became NaN or infinite under `train.nonfinite: abort` (exit code 3)."""
+
+    exit_code = 3

@@ -25,6 +25,7 @@ class RunLog:
         self._metrics: TextIO | None = None
         self._tensorboard: TensorBoardLog | None = None
         self._start = time.time()
+        self.records = 0  # lines in metrics.jsonl, earlier runs' included (rank 0 only)
         # Until training starts: messages are plain lines (on rank 0 only).
         self.progress = Progress("off", 0, stream=stream, enabled=enabled)
 
@@ -40,7 +41,25 @@ class RunLog:
         (self.run_dir / "config.yaml").write_text(config_yaml)
         if tensorboard:
             self._tensorboard = TensorBoardLog(self.run_dir / "tensorboard")
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a+", buffering=1)
+        self._metrics.seek(0)
+        self.records = sum(1 for _ in self._metrics)
+
+    def truncate(self, records: int) -> int:
+        """Keep the first `records` lines of metrics.jsonl (a resume redoes what came after).
+
+        Returns how many lines were dropped.
+        """
+        if self._metrics is None or records >= self.records:
+            return 0
+        self._metrics.seek(0)
+        kept = [next(self._metrics) for _ in range(records)]
+        self._metrics.seek(0)
+        self._metrics.truncate()
+        self._metrics.writelines(kept)
+        self._metrics.flush()
+        dropped, self.records = self.records - records, records
+        return dropped
 
     def start_progress(self, setting: str, total_steps: int, initial_step: int = 0,
                        lines_every_s: float = 0.0) -> Progress:
@@ -60,6 +79,7 @@ class RunLog:
         if self.enabled and self._metrics is not None:
             fields.setdefault("time", round(time.time() - self._start, 3))
             self._metrics.write(json.dumps(fields) + "\n")
+            self.records += 1
             if self._tensorboard is not None:
                 self._tensorboard.write(fields)
 

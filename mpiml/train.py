@@ -1,17 +1,17 @@
-"""`mpirun -np N python -m mpiml.train CONFIG [--set section.key=value ...]`"""
+"""`mpirun -np N python -m mpiml.train CONFIG [--set section.key=value ...] [--resume auto]`"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
-from mpiml.comm import build_world
-from mpiml.comm.world import run_or_abort
 from mpiml.config import Config, dump_config, load_config
-from mpiml.errors import ConfigError
+from mpiml.errors import ConfigError, MpimlError
 from mpiml.runlog import RunLog
-from mpiml.trainer import Trainer
+from mpiml.signals import StopRequest
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -22,6 +22,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE",
                         help="override one config value (parsed as YAML); repeatable")
+    parser.add_argument("--resume", default="none", metavar="auto|PATH|none",
+                        help="auto: continue from the newest valid checkpoint of run.dir (or "
+                             "start fresh if there is none); PATH: from that checkpoint "
+                             "folder; none: start fresh (default)")
     return parser.parse_args(argv)
 
 
@@ -33,19 +37,51 @@ def open_run_dir(log: RunLog, cfg: Config) -> None:
                           "HINT: choose a writable folder with --set run.dir=PATH") from err
 
 
-def train(args: argparse.Namespace) -> int:
+def say(line: str) -> None:
+    """Rank 0's remarks on the way in (bad checkpoints skipped, folders tidied)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def train(args: argparse.Namespace, stop: StopRequest) -> int:
+    # Imported here, once the signal handlers are in place: torch takes seconds to import.
+    from mpiml.comm import build_world
+    from mpiml.comm.launcher import check_launcher
+    from mpiml.comm.world import EXIT_OK, EXIT_REQUEUE, mpi_library_version
+    from mpiml.resume import find_resume_point, fit_config_to_checkpoint
+    from mpiml.trainer import Trainer
+
     with build_world() as world:
+        # Each process of a launch that did not wire up MPI sees a world of one: it is its
+        # own rank 0, so raising here ends each of them cleanly with the same message.
+        try:
+            check_launcher(world.size, mpi_library=mpi_library_version())
+        except MpimlError as err:
+            raise err.agreed() from None
         cfg = world.root_decides(lambda: load_config(args.config, args.overrides))
+        world.start_watchdog(cfg.comm.timeout_s)
+        point = world.root_decides(lambda: find_resume_point(args.resume, cfg.run.dir, say))
+        cfg, notes = world.root_decides(lambda: fit_config_to_checkpoint(cfg, point, world.size))
+        where = world.allgather_object((socket.gethostname(), os.getpid()))
         with RunLog(cfg.run.dir, enabled=world.is_root) as log:
             world.root_decides(lambda: open_run_dir(log, cfg))
-            with Trainer(cfg, world, log) as trainer:
-                trainer.fit()
-    return 0
+            # A launcher that kills the job when a rank dies names its PID: this maps it.
+            log.print("ranks: " + ", ".join(f"{r}=pid {pid}@{host}"
+                                            for r, (host, pid) in enumerate(where[:64]))
+                      + (f", ... ({len(where)} in all)" if len(where) > 64 else ""))
+            for line in notes:
+                log.print(line)
+            with Trainer(cfg, world, log, stop=stop, resume=point) as trainer:
+                finished = trainer.fit()
+    return EXIT_OK if finished else EXIT_REQUEUE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_or_abort(lambda: train(args))
+    # First thing: a SIGUSR1/SIGTERM from Slurm during start-up must not kill the rank.
+    stop = StopRequest().install()
+    from mpiml.comm.world import run_or_abort
+
+    return run_or_abort(lambda: train(args, stop))
 
 
 if __name__ == "__main__":

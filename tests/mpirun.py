@@ -47,18 +47,26 @@ class Job:
         return f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
 
 
-def run_mpi(n: int, argv: list[str], timeout: float = 120, env: dict | None = None,
-            cwd: str | Path | None = None, expect_timeout: bool = False) -> Job:
-    """Run `mpiexec -n N argv...`; on timeout kill the whole process group and fail."""
+def start_mpi(n: int, argv: list[str], env: dict | None = None,
+              cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start `mpiexec -n N argv...` in its own process group; the caller must reap it
+    (`proc.communicate` with a timeout, then `kill_group` if it fires)."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(SUPPORT), str(REPO), full_env.get("PYTHONPATH", "")])
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     cmd = mpiexec() + ["-n", str(n)] + argv
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=cwd or REPO, start_new_session=True)
+
+
+def run_mpi(n: int, argv: list[str], timeout: float = 120, env: dict | None = None,
+            cwd: str | Path | None = None, expect_timeout: bool = False) -> Job:
+    """Run `mpiexec -n N argv...`; on timeout kill the whole process group and fail."""
+    start = time.monotonic()
+    proc = start_mpi(n, argv, env, cwd)
+    cmd = proc.args
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

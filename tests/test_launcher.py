@@ -84,3 +84,16 @@ def test_slurm_cpus_per_task():
     assert slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "4"}) == 4
     assert slurm_cpus_per_task({}) is None
     assert slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "x"}) is None
+
+
+def test_slurm_cpus_per_task_sets_torch_threads():
+    """`--cpus-per-task` counts even where Slurm does not pin (task/none); never above the
+    cores we may use, and an explicit train.threads wins."""
+    import os
+
+    from mpiml.trainer import threads_per_rank
+
+    usable = len(os.sched_getaffinity(0))
+    assert threads_per_rank(local_size=2, requested=0, cpus_per_task=1) == 1
+    assert threads_per_rank(local_size=1, requested=0, cpus_per_task=10_000) == usable
+    assert threads_per_rank(local_size=2, requested=3, cpus_per_task=1) == 3

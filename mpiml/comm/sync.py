@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.world import World
-from mpiml.errors import CommError
+from mpiml.errors import CommError, unwinding_alone
 
 _KIND = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
          torch.bfloat16: "bfloat16"}
@@ -236,17 +236,18 @@ class GradSync:
         Only the time spent waiting counts as exposed communication.
         """
         start = time.perf_counter()
-        for bucket in self.buckets[self._next :]:
-            self._launch(bucket)
         busy = 0.0
-        for bucket in self.buckets:
-            if bucket.future is not None:
-                bucket.future.result()  # re-raises a failure of the communication thread
-                bucket.future = None
-            if bucket_done is not None:
-                begin = time.perf_counter()
-                bucket_done(bucket.index)
-                busy += time.perf_counter() - begin
+        with self.world.watch("gradient allreduce"):  # a dead peer stalls us here
+            for bucket in self.buckets[self._next :]:
+                self._launch(bucket)
+            for bucket in self.buckets:
+                if bucket.future is not None:
+                    bucket.future.result()  # re-raises a failure of the communication thread
+                    bucket.future = None
+                if bucket_done is not None:
+                    begin = time.perf_counter()
+                    bucket_done(bucket.index)
+                    busy += time.perf_counter() - begin
         self.stats.exposed_s += time.perf_counter() - start - busy
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
@@ -257,13 +258,17 @@ class GradSync:
         return stats
 
     # -- life cycle -----------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the communication thread. `wait=False` when this rank fails alone: an
+        allreduce in flight would wait for the other ranks for ever, so it is left behind."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=wait, cancel_futures=not wait)
             self._executor = None
+        if not wait:
+            return
         for reducer in self._reducers.values():
             reducer.close()
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
@@ -273,5 +278,5 @@ class GradSync:
     def __enter__(self) -> GradSync:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(wait=not unwinding_alone(exc))

@@ -11,20 +11,27 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
-from mpiml.errors import CommError, MpimlError
+from mpiml.comm.watchdog import EXIT_WATCHDOG, Watchdog
+from mpiml.errors import CommError, MpimlError, unwinding_alone
 
 T = TypeVar("T")
 
 # Exit codes (documented in the README): 0 done; 1 a rank failed and the job was aborted;
-# 2 bad input (config, data, checkpoint, launcher) agreed on by every rank.
+# 2 bad input (config, data, checkpoint, launcher, run dir) agreed on by every rank; 3 the loss
+# became NaN/inf under train.nonfinite=abort; 4 the watchdog saw a rank that did not arrive;
+# 75 (EX_TEMPFAIL) stopped by SIGUSR1/SIGTERM after a checkpoint: requeue to resume.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_TIMEOUT = EXIT_WATCHDOG
+EXIT_REQUEUE = 75
 
 
 class World:
@@ -38,6 +45,16 @@ class World:
         self.node_comm: MPI.Comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank: int = self.node_comm.Get_rank()
         self.local_size: int = self.node_comm.Get_size()
+        self.watchdog: Watchdog | None = None
+
+    def start_watchdog(self, timeout_s: float | None) -> None:
+        """Abort the job when a collective waits longer than `timeout_s` (None: never)."""
+        if self.watchdog is None and timeout_s and self.size > 1:
+            self.watchdog = Watchdog(self.comm, timeout_s)
+
+    def watch(self, label: str) -> AbstractContextManager[None]:
+        """Wrap a wait on other ranks (a collective) so the watchdog can time it."""
+        return self.watchdog.watch(label) if self.watchdog is not None else nullcontext()
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -50,25 +67,35 @@ class World:
 
     # -- collectives (every rank must call them) -------------------------------------------
     def barrier(self) -> None:
-        self.comm.Barrier()
+        with self.watch("barrier"):
+            self.comm.Barrier()
 
     def bcast_object(self, obj: T, root: int = 0) -> T:
-        return self.comm.bcast(obj, root=root)
+        with self.watch("bcast"):
+            return self.comm.bcast(obj, root=root)
 
     def allgather_object(self, obj: T) -> list[T]:
-        return self.comm.allgather(obj)
+        with self.watch("allgather"):
+            return self.comm.allgather(obj)
+
+    def gather_object(self, obj: T, root: int = 0) -> list[T] | None:
+        """Every rank's `obj` on `root` (in rank order); None on the other ranks."""
+        with self.watch("gather"):
+            return self.comm.gather(obj, root=root)
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum a small float64 array across ranks (metrics, counts): MPI's latency path."""
         send = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty_like(send)
-        self.comm.Allreduce(send, out, op=MPI.SUM)
+        with self.watch("allreduce sum"):
+            self.comm.Allreduce(send, out, op=MPI.SUM)
         return out
 
     def allreduce_max(self, values: np.ndarray) -> np.ndarray:
         send = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty_like(send)
-        self.comm.Allreduce(send, out, op=MPI.MAX)
+        with self.watch("allreduce max"):
+            self.comm.Allreduce(send, out, op=MPI.MAX)
         return out
 
     def root_decides(self, fn: Callable[[], T]) -> T:
@@ -83,7 +110,8 @@ class World:
                 outcome = (True, fn())
             except MpimlError as err:
                 outcome = (False, err)
-        ok, value = self.comm.bcast(outcome, root=0)
+        with self.watch("rank 0's verdict"):
+            ok, value = self.comm.bcast(outcome, root=0)
         if not ok:
             raise value.agreed()
         return value
@@ -98,7 +126,8 @@ class World:
             value, failure = fn(), None
         except MpimlError as err:
             value, failure = None, err
-        failures = self.comm.allgather(failure)
+        with self.watch("agreement"):
+            failures = self.comm.allgather(failure)
         for rank, err in enumerate(failures):
             if err is not None:
                 if rank != 0:
@@ -108,7 +137,8 @@ class World:
 
     def check_same(self, what: str, value: Any) -> None:
         """Raise CommError on every rank unless `value` is equal on all ranks."""
-        everyone = self.comm.allgather(value)
+        with self.watch("check_same"):
+            everyone = self.comm.allgather(value)
         differ = [r for r, v in enumerate(everyone) if v != everyone[0]]
         if differ:
             raise CommError(
@@ -122,17 +152,27 @@ class World:
         MPI.COMM_WORLD.Abort(code)
 
     # -- life cycle -------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Release the communicators; without `wait_for_peers` (this rank is failing alone)
+        nothing that needs the other ranks is done."""
+        if self.watchdog is not None:
+            self.watchdog.close(goodbye=wait_for_peers)
+            self.watchdog = None
         for comm in (self.node_comm, self.comm):
-            if comm != MPI.COMM_NULL and not MPI.Is_finalized():
+            if wait_for_peers and comm != MPI.COMM_NULL and not MPI.Is_finalized():
                 comm.Free()
         self.node_comm = self.comm = MPI.COMM_NULL
 
     def __enter__(self) -> World:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(wait_for_peers=not unwinding_alone(exc))
+
+
+def mpi_library_version() -> str:
+    """The MPI library mpi4py loaded (to name the right launcher flag in errors)."""
+    return MPI.Get_library_version()
 
 
 def build_world(comm: MPI.Comm | None = None) -> World:
@@ -156,7 +196,7 @@ def run_or_abort(fn: Callable[[], int | None], rank: int | None = None) -> int:
             if rank == 0:
                 sys.stderr.write(f"mpiml: {type(err).__name__}: {err}\n")
                 sys.stderr.flush()
-            return EXIT_USAGE
+            return err.exit_code
         return _abort(rank, f"mpiml: error on rank {rank}: {type(err).__name__}: {err}\n", 1)
     except BaseException as err:  # noqa: BLE001 - anything uncaught must end the whole job
         message = f"mpiml: rank {rank} failed:\n{traceback.format_exc()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -40,6 +41,40 @@ class RankShaped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.fc(x))
+
+
+class Faulty(nn.Module):
+    """A small MLP with one injected fault on rank `rank` at its `at_call`-th forward call.
+
+    fault: none | raise | sigkill | sigstop | stall | nan | sigusr1. `nan` poisons that one
+    call's output; `sigusr1` sends the signal to this rank only (the others must still agree).
+    """
+
+    def __init__(self, features: int = 12, classes: int = 3, hidden: int = 16,
+                 fault: str = "none", rank: int = 1, at_call: int = 5):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, classes))
+        self.fault, self.fault_rank, self.at_call, self.calls = fault, rank, at_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.net(x)
+        if self.fault == "none" or self.calls != self.at_call or _rank() != self.fault_rank:
+            return out
+        if os.environ.get("MPIML_FAULT_MARK"):  # when the fault struck, for latency checks
+            with open(os.environ["MPIML_FAULT_MARK"], "w") as f:
+                f.write(repr(time.time()))
+        if self.fault == "raise":
+            raise RuntimeError(f"injected failure in forward call {self.calls}")
+        if self.fault == "nan":
+            return out * float("nan")
+        if self.fault == "stall":
+            time.sleep(3600)
+        sig = {"sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP,
+               "sigusr1": signal.SIGUSR1}[self.fault]
+        os.kill(os.getpid(), sig)
+        return out
 
 
 class BrokenImport:  # referenced only to show a failing import is told apart
