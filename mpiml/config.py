@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch
     accumulate_steps: int = 1  # micro-batches of data.batch_size per optimizer step and rank
-    # optimizer steps between training records in metrics.jsonl (and progress lines)
+    # optimizer steps between training records in metrics.jsonl (progress shows each record)
     log_every: int = 10
     eval_every_epochs: int = 1  # epochs between evaluations; the last epoch is always evaluated
     threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node

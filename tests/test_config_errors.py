@@ -70,6 +70,7 @@ OUT_OF_RANGE = [
     ("optim", {"nesterov": True, "name": "adam"}, "nesterov",
      "false unless sgd with momentum > 0"),
     ("comm", {"bucket_mb": 0.0}, "bucket_mb", "a number > 0"),
+    ("comm", {"timeout_s": 0.0}, "timeout_s", "null or a number of seconds > 0"),
     ("comm", {"compression": "bf16", "algorithm": "mpi"}, "compression",
      "'none' when comm.algorithm is 'mpi'"),
     ("checkpoint", {"every_steps": 0}, "every_steps", "null or an integer >= 1"),

@@ -51,7 +51,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_dtype(tensor: torch.Tensor, reduce: bool) -> None:
     """Raise CommError unless `tensor` is a CPU tensor of a type the collective supports."""
-    if tensor.device.type != "cpu":
+    if tensor.is_cpu and not tensor.is_sparse and tensor.dtype in (REDUCIBLE if reduce
+                                                                   else DTYPE_CODE):
+        return
+    if not tensor.is_cpu:
         raise CommError(f"tensor on device {tensor.device}: mpiml.horovod runs on CPU tensors "
                         "only; move it with .cpu() first")
     if tensor.is_sparse:
@@ -106,7 +109,10 @@ class ReducerCache:
             capacity = n if reducer is None else max(n, 2 * reducer.config.max_elements)
             if reducer is not None:
                 reducer.close()
-            reducer = self._reducers[dtype] = Allreducer(self.comm, capacity, _RING_KIND[dtype])
+            # Polling waits: most large buffers are gradient buckets reduced on the engine's
+            # thread while backward runs on the same core (see ring.polling_wait).
+            reducer = self._reducers[dtype] = Allreducer(self.comm, capacity, _RING_KIND[dtype],
+                                                         polling=True)
         return reducer
 
     def close(self) -> None:

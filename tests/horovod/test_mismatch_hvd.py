@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mpi4py import MPI
 
 import mpiml.horovod.torch as hvd
+
+# A mismatch needs two ranks that disagree (the suite runs at N = 2 and 3).
+needs_peers = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() < 2, reason="one rank cannot disagree")
 
 
 def expect_error(fn, *fragments: str) -> str:
@@ -20,6 +24,7 @@ def expect_error(fn, *fragments: str) -> str:
     return message
 
 
+@needs_peers
 def test_shape_mismatch_names_the_shapes_and_ranks():
     r = hvd.rank()
     message = expect_error(lambda: hvd.allreduce(torch.ones(2, 3 + (r == 1))), "shape",
@@ -27,6 +32,7 @@ def test_shape_mismatch_names_the_shapes_and_ranks():
     assert "allreduce" in message
 
 
+@needs_peers
 def test_dtype_mismatch():
     r = hvd.rank()
     dtype = torch.float64 if r == hvd.size() - 1 else torch.float32
@@ -34,17 +40,20 @@ def test_dtype_mismatch():
                  "float32")
 
 
+@needs_peers
 def test_reduction_op_mismatch():
     r = hvd.rank()
     expect_error(lambda: hvd.allreduce(torch.ones(4), op=hvd.Max if r == 0 else hvd.Sum),
                  "reduction op", "Max", "Sum")
 
 
+@needs_peers
 def test_broadcast_root_mismatch():
     r = hvd.rank()
     expect_error(lambda: hvd.broadcast_(torch.ones(3), root_rank=min(r, 1)), "root rank")
 
 
+@needs_peers
 def test_different_collectives():
     r = hvd.rank()
 
@@ -57,11 +66,13 @@ def test_different_collectives():
     expect_error(call, "operation", "allgather", "allreduce")
 
 
+@needs_peers
 def test_allgather_trailing_dimension_mismatch():
     r = hvd.rank()
     expect_error(lambda: hvd.allgather(torch.ones(r + 1, 2 + (r > 0))), "shape")
 
 
+@needs_peers
 def test_scale_factor_and_name_mismatch():
     r = hvd.rank()
     expect_error(lambda: hvd.allreduce(torch.ones(2), postscale_factor=1.0 + r),
@@ -70,6 +81,7 @@ def test_scale_factor_and_name_mismatch():
                  "grad.1")
 
 
+@needs_peers
 def test_local_error_on_one_rank_is_raised_everywhere():
     n, r = hvd.size(), hvd.rank()
     splits = [1] * n if r != 1 else [5] * n  # wrong on rank 1 only: they don't add up
@@ -83,6 +95,7 @@ def test_unsupported_dtype_is_an_error_on_every_rank():
     expect_error(lambda: hvd.allreduce(torch.ones(2, dtype=torch.complex64)), "complex64")
 
 
+@needs_peers
 def test_async_mismatch_raises_at_synchronize():
     r = hvd.rank()
     handle = hvd.allreduce_async(torch.ones(3 + r))
@@ -102,3 +115,23 @@ def test_operations_before_init_raise_a_clear_error():
     finally:
         hvd.init()
     assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == hvd.size()
+
+
+def test_init_with_a_communicator_or_a_list_of_ranks():
+    n, r = hvd.size(), hvd.rank()
+    hvd.shutdown()
+    halves = MPI.COMM_WORLD.Split(r % 2, r)
+    try:
+        hvd.init(comm=halves)
+        members = [k for k in range(n) if k % 2 == r % 2]
+        assert hvd.size() == len(members) and hvd.rank() == members.index(r)
+        got = hvd.allreduce(torch.tensor([float(r)]), op=hvd.Sum).item()
+        assert got == sum(members)
+        hvd.shutdown()
+        hvd.init(comm=list(range(n)))
+        assert (hvd.size(), hvd.rank()) == (n, r)
+    finally:
+        hvd.shutdown()
+        halves.Free()
+        hvd.init()
+    assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n
