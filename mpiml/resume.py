@@ -38,7 +38,8 @@ from mpiml.errors import CheckpointError, ConfigError
 
 # What a resume reads, beyond meta.json: written by Trainer.save_checkpoint.
 RESUME_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "ranks.pt")
-RESUME_KEYS = ("step", "epoch", "epoch_step", "world_size", "global_batch", "config")
+RESUME_KEYS = ("step", "epoch", "epoch_step", "steps_per_epoch", "world_size", "global_batch",
+               "config", "metrics_records")
 
 
 @dataclass(frozen=True)

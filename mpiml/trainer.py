@@ -13,6 +13,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -405,7 +406,10 @@ class Trainer:
                       for key in saved[0]["window"]}
         self.window = _Window(loss_sum=counts["loss_sum"], samples=counts["samples"],
                               steps=counts["steps"], skipped=counts["skipped"])
-        dropped = self.log.truncate(int(meta.get("metrics_records", self.log.records)))
+        # Records logged after the checkpoint are redone; a checkpoint of another run dir
+        # (`--resume PATH`) says nothing about this run's metrics.jsonl.
+        ours = Path(point.path).resolve().parent.parent == Path(self.cfg.run.dir).resolve()
+        dropped = self.log.truncate(int(meta["metrics_records"])) if ours else 0
         self.log.print(f"resumed from {point.path} at step {self.step} (epoch {self.epoch}, "
                        f"step {self.epoch_step} of {self.loader.steps_per_epoch} in it)"
                        + (f"; dropped {dropped} metrics record(s) written after it"

@@ -164,6 +164,15 @@ def test_job_killed_while_writing_a_checkpoint(reference, tmp_path):
     assert_same_bits(final_params(run), final_params(reference))
 
 
+def test_resume_from_a_path_into_a_new_run_dir(reference, stopped, tmp_path):
+    run = tmp_path / "fork"
+    job = train(2, run, "--set", NO_FAULT, resume=str(stopped[0] / "checkpoints" / "step-20"))
+    assert job.returncode == 0, job.output
+    assert re.search(r"resumed from \S+/step-20 at step 20", job.stdout), job.output
+    assert_same_bits(final_params(run), final_params(reference))
+    assert metrics(run) == [r for r in metrics(reference) if r["step"] > 20]
+
+
 def test_finished_run_resumed_again_does_nothing(reference, tmp_path):
     run = copy_of(reference, tmp_path)
     job = train(2, run, "--set", NO_FAULT, resume="auto", timeout=60)

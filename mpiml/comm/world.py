@@ -49,8 +49,15 @@ class World:
 
     def start_watchdog(self, timeout_s: float | None) -> None:
         """Abort the job when a collective waits longer than `timeout_s` (None: never)."""
-        if self.watchdog is None and timeout_s and self.size > 1:
-            self.watchdog = Watchdog(self.comm, timeout_s)
+        if self.watchdog is not None or not timeout_s or self.size == 1:
+            return
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:  # its thread calls MPI beside ours
+            if self.is_root:
+                sys.stderr.write("mpiml: warning: this MPI gives no MPI_THREAD_MULTIPLE, so "
+                                 "the comm.timeout_s watchdog is off: a dead rank can hang "
+                                 "the job\n")
+            return
+        self.watchdog = Watchdog(self.comm, timeout_s)
 
     def watch(self, label: str) -> AbstractContextManager[None]:
         """Wrap a wait on other ranks (a collective) so the watchdog can time it."""
