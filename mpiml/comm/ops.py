@@ -69,12 +69,10 @@ def check_dtype(tensor: torch.Tensor, reduce: bool) -> None:
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The raw bytes of a contiguous tensor as a uint8 numpy view (shared memory)."""
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype in (torch.bfloat16, torch.float16):
+    flat = tensor.detach()
+    if flat.dtype == torch.bfloat16:  # no numpy type: its bits as int16
         flat = flat.view(torch.int16)
-    if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    return flat.numpy().view(np.uint8)
+    return flat.numpy().reshape(-1).view(np.uint8)
 
 
 def from_bytes(raw: np.ndarray, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -112,11 +110,10 @@ def reduce_gathered(block: np.ndarray, dtype: torch.dtype, numel: int, op: int,
     values = block[:, :numel * ITEMSIZE[dtype]].view(np_type)
     if np_type == np.float16:
         values = values.astype(np.float32)
-    with np.errstate(all="ignore"):  # overflow wraps or gives inf silently, as in MPI
-        values = _np_scale(values, prescale)
-        reduced = _NP_REDUCE[op].reduce(values, axis=0, dtype=values.dtype)
-        reduced = _np_scale(reduced, postscale / size if op == AVERAGE else postscale)
-    return torch.from_numpy(np.ascontiguousarray(reduced).astype(np_type, copy=False))
+    values = _np_scale(values, prescale)
+    reduced = _NP_REDUCE[op].reduce(values, axis=0, dtype=values.dtype)
+    reduced = _np_scale(reduced, postscale / size if op == AVERAGE else postscale)
+    return torch.from_numpy(reduced.astype(np_type, copy=False))
 
 
 def _reduce_rows_torch(rows: list[torch.Tensor], op: int, prescale: float, postscale: float,
