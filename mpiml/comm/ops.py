@@ -110,9 +110,10 @@ def reduce_gathered(block: np.ndarray, dtype: torch.dtype, numel: int, op: int,
     values = block[:, :numel * ITEMSIZE[dtype]].view(np_type)
     if np_type == np.float16:
         values = values.astype(np.float32)
-    values = _np_scale(values, prescale)
-    reduced = _NP_REDUCE[op].reduce(values, axis=0, dtype=values.dtype)
-    reduced = _np_scale(reduced, postscale / size if op == AVERAGE else postscale)
+    with np.errstate(all="ignore"):  # overflow wraps or gives inf silently, as in MPI
+        values = _np_scale(values, prescale)
+        reduced = _NP_REDUCE[op].reduce(values, axis=0, dtype=values.dtype)
+        reduced = _np_scale(reduced, postscale / size if op == AVERAGE else postscale)
     return torch.from_numpy(reduced.astype(np_type, copy=False))
 
 
