@@ -15,6 +15,12 @@ gathers a readable description of every rank's call and raises the same `Collect
 naming what differed and on which ranks: a mismatch is an error everywhere, never a hang, and
 the engine stays usable (every rank skipped the op).
 
+Tiny allreduces and broadcasts (up to 256 bytes) travel inside that same exchange: the block
+every rank contributes is the signature plus 256 bytes of payload, always the same size, so
+the exchange matches whatever the op is. When the signatures agree, each rank reduces the
+gathered payloads itself, in rank order (every rank gets the same bits): one MPI call
+instead of two.
+
 `join` follows Horovod: a rank that joined keeps answering the others' collectives until all
 have joined, contributing the identity of the reduction (zeros for Sum and Average) to their
 allreduces; other collectives while a rank has joined are an error on every rank.
@@ -22,6 +28,7 @@ allreduces; other collectives while a rank has joined are an error on every rank
 
 from __future__ import annotations
 
+import math
 import queue
 import struct
 import threading
@@ -72,6 +79,19 @@ def _bits(x: float) -> int:
 
 _ONE_BITS = struct.unpack("<q", struct.pack("<d", 1.0))[0]
 _ONE_DTYPE = {dtype: _crc([code]) for dtype, code in DTYPE_CODE.items()}  # one-tensor ops
+_SIG_BYTES = SIG_LEN * 8
+PAYLOAD_BYTES = 256  # data that rides along with the signature (tiny allreduces, broadcasts)
+_BLOCK = SIG_LEN + PAYLOAD_BYTES // 8
+_SHAPES: dict[tuple, int] = {}  # shape hashes of recent calls: the same shapes recur
+
+
+def _shape_crc(shapes: tuple) -> int:
+    crc = _SHAPES.get(shapes)
+    if crc is None:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        crc = _SHAPES[shapes] = _crc(shapes)
+    return crc
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -107,6 +127,13 @@ class Collective:
     def run(self, engine: Engine, sigs: np.ndarray) -> Any:
         raise NotImplementedError
 
+    def payload(self) -> np.ndarray | None:
+        """Bytes small enough to travel with the signature (then `run_small` finishes)."""
+        return None
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> Any:
+        raise NotImplementedError
+
     def join_plan(self) -> tuple | None:
         """What a rank that has joined must do to take part (None: not allowed)."""
         return None
@@ -122,6 +149,10 @@ class Allreduce(Collective):
         super().__init__(name)
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.op, self.prescale, self.postscale = op, float(prescale), float(postscale)
+        # Read once: every torch attribute access from Python costs about a microsecond.
+        self._shapes = tuple(tuple(t.shape) for t in self.inputs)
+        self._dtypes = [t.dtype for t in self.inputs]
+        self._numel = sum(math.prod(shape) for shape in self._shapes)
         try:
             if not self.inputs:
                 raise CommError("no tensors to reduce")
@@ -134,12 +165,10 @@ class Allreduce(Collective):
             self.error = str(err)
 
     def fields(self) -> dict[int, int]:
-        inputs = self.inputs
-        dtypes = (_ONE_DTYPE[inputs[0].dtype] if len(inputs) == 1
-                  else _crc([DTYPE_CODE[t.dtype] for t in inputs]))
-        return {F_DTYPE: dtypes, F_OP: self.op,
-                F_NUMEL: sum(t.numel() for t in self.inputs), F_NDIM: self.inputs[0].dim(),
-                F_SHAPE: _crc([tuple(t.shape) for t in self.inputs]),
+        dtypes = (_ONE_DTYPE[self._dtypes[0]] if len(self._dtypes) == 1
+                  else _crc([DTYPE_CODE[d] for d in self._dtypes]))
+        return {F_DTYPE: dtypes, F_OP: self.op, F_NUMEL: self._numel,
+                F_NDIM: len(self._shapes[0]), F_SHAPE: _shape_crc(self._shapes),
                 F_PRE: _bits(self.prescale), F_POST: _bits(self.postscale)}
 
     def describe(self) -> dict[str, Any]:
@@ -174,6 +203,22 @@ class Allreduce(Collective):
                 offset += out.numel()
         return self.outputs
 
+    def payload(self) -> np.ndarray | None:
+        if len(self.inputs) != 1 or self.error is not None:
+            return None
+        # Eligibility may depend only on what the signature compares (not on contiguity).
+        if self._numel * ops.ITEMSIZE[self._dtypes[0]] > PAYLOAD_BYTES:
+            return None
+        return ops.as_bytes(self.inputs[0].contiguous())
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> list[torch.Tensor]:
+        """Reduce every rank's gathered values here, in rank order: the same bits everywhere."""
+        out = self.outputs[0].detach()
+        result = ops.reduce_gathered(payloads, self._dtypes[0], self._numel, self.op,
+                                     self.prescale, self.postscale)
+        out.copy_(result.view(self._shapes[0]))
+        return self.outputs
+
     def join_plan(self) -> tuple:
         buffers = [(dtype, sum(self.inputs[i].numel() for i in members))
                    for dtype, members in self._groups().items()]
@@ -202,6 +247,18 @@ class Broadcast(Collective):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dtype": dtype_name(self.tensor.dtype),
                 "shape": _shape(self.tensor), "root rank": self.root}
+
+    def payload(self) -> np.ndarray | None:
+        t = self.tensor
+        if self.error is not None or t.numel() * t.element_size() > PAYLOAD_BYTES:
+            return None
+        return ops.as_bytes(t.contiguous())
+
+    def run_small(self, engine: Engine, payloads: np.ndarray) -> torch.Tensor:
+        t = self.tensor
+        value = ops.from_bytes(payloads[self.root], t.dtype, t.numel())
+        self.output.detach().copy_(value.view(self.output.shape))
+        return self.output
 
     def run(self, engine: Engine, sigs: np.ndarray) -> torch.Tensor:
         out = self.output.detach()
@@ -300,7 +357,12 @@ class Reducescatter(Collective):
         super().__init__(name)
         self.tensors = list(tensors)
         self.op, self.prescale, self.postscale = op, float(prescale), float(postscale)
+        self._shapes = tuple(tuple(t.shape) for t in self.tensors)  # as in Allreduce
+        self._dtypes = [t.dtype for t in self.tensors]
+        self._numel = sum(math.prod(shape) for shape in self._shapes)
         try:
+            if not self.tensors:
+                raise CommError("no tensors to reduce")
             if op not in ops._MPI_OP:
                 raise CommError(f"reduction op {OP_NAMES.get(op, op)} is not supported by "
                                 "reducescatter; use Average, Sum, Min, Max or Product")
@@ -431,8 +493,10 @@ class Engine:
         self.wait = blocking_wait
         # Both signature buffers live as long as the engine: MPI libraries register the
         # memory they send from, and a fresh array per call cost ~100 us here (MPICH/UCX).
-        self._sig = np.zeros(SIG_LEN, dtype=np.int64)
-        self._sigs = np.zeros((self.size, SIG_LEN), dtype=np.int64)
+        self._block = np.zeros(_BLOCK, dtype=np.int64)
+        self._blocks = np.zeros((self.size, _BLOCK), dtype=np.int64)
+        self._sig_bytes = self._block.view(np.uint8)[_SIG_BYTES:]
+        self._payloads = self._blocks[:, SIG_LEN:].view(np.uint8)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()   # guards _pending
         self._exec = threading.Lock()   # one collective at a time, in submission order
@@ -499,25 +563,32 @@ class Engine:
             raise CommError("this communication engine was shut down")
 
     # -- performing ------------------------------------------------------------------------------
-    def _exchange(self, sig: list[int]) -> np.ndarray:
+    def _exchange(self, sig: list[int], payload: np.ndarray | None = None) -> np.ndarray:
+        """Every rank's signature, as a (size, 12) array; payloads land in `_payloads`."""
         self.calls += 1
+        self._block[:SIG_LEN] = sig
+        if payload is not None:
+            self._sig_bytes[:payload.size] = payload
         if self.size == 1:  # nothing to compare with (a local error still shows in the flag)
-            self._sigs[0] = sig
-            return self._sigs
-        self._sig[:] = sig
-        self.wait(self.comm.Iallgather(self._sig, self._sigs))
-        return self._sigs
+            self._blocks[0] = self._block
+        else:
+            self.wait(self.comm.Iallgather(self._block, self._blocks))
+        return self._blocks[:, :SIG_LEN]
 
     def _perform(self, op: Collective) -> Any:
         if op.kind == JOIN:
             return self._join()
-        sigs = self._exchange(op.signature())
-        if sigs[0, F_ERROR] or not (sigs == sigs[0]).all():  # the fast path: all identical
+        payload = op.payload()
+        sigs = self._exchange(op.signature(), payload)
+        raw = sigs.tobytes()  # the fast path: every rank sent the same 12 integers
+        if sigs[0, F_ERROR] or raw != raw[:_SIG_BYTES] * self.size:
             if (sigs[:, F_KIND] == JOIN).any():
-                return self._with_joined(op, sigs)
+                return self._with_joined(op, sigs.copy())
             if _first_difference(sigs, op.kind) is not None or sigs[:, F_ERROR].any():
-                self._raise_mismatch(op, sigs)
-        return op.run(self, sigs)
+                self._raise_mismatch(op, sigs.copy())
+        elif payload is not None:  # agreed, and the data came along: done in one call
+            return op.run_small(self, self._payloads)
+        return op.run(self, sigs.copy())
 
     def _raise_mismatch(self, op: Collective, sigs: np.ndarray,
                         ranks: Sequence[int] | None = None) -> None:

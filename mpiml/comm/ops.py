@@ -42,6 +42,7 @@ DTYPE_CODE = {dtype: i + 1 for i, dtype in enumerate(DTYPES)}
 REDUCIBLE = frozenset(DTYPES[:-1])
 _HALF = (torch.float16, torch.bfloat16)
 _RING_KIND = {torch.float32: "float32", torch.float64: "float64"}
+ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPES}
 RING_THRESHOLD_BYTES = 1 << 20  # below this MPI's own Allreduce wins (see allreduce.py)
 
 
@@ -74,6 +75,69 @@ def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     return flat.numpy().view(np.uint8)
+
+
+def from_bytes(raw: np.ndarray, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A new flat tensor of `dtype` from the first bytes of `raw` (a uint8 array)."""
+    data = torch.from_numpy(raw[:numel * ITEMSIZE[dtype]].copy())
+    return data.view(dtype) if numel else torch.empty(0, dtype=dtype)
+
+
+_NUMPY_TYPES = {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+                torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
+                torch.float32: np.float32, torch.float64: np.float64}
+_NP_REDUCE = {SUM: np.add, AVERAGE: np.add, MIN: np.minimum, MAX: np.maximum,
+              PRODUCT: np.multiply}
+
+
+def _np_scale(a: np.ndarray, factor: float) -> np.ndarray:
+    if factor == 1.0:
+        return a
+    if a.dtype == np.float64:
+        return a * factor
+    if a.dtype.kind == "f":
+        return a * np.float32(factor)
+    return (a * factor).astype(a.dtype)  # double, then truncation toward zero
+
+
+def reduce_gathered(block: np.ndarray, dtype: torch.dtype, numel: int, op: int,
+                    prescale: float, postscale: float) -> torch.Tensor:
+    """Reduce the rows of `block` (rank r's raw bytes in row r) in rank order, as
+    `allreduce_flat_` would across ranks: same op, scaling and working type."""
+    size = block.shape[0]
+    np_type = _NUMPY_TYPES.get(dtype)
+    if np_type is None:  # bfloat16: no numpy type, reduce with torch
+        rows = [from_bytes(block[r], dtype, numel) for r in range(size)]
+        return _reduce_rows_torch(rows, op, prescale, postscale, size)
+    values = block[:, :numel * ITEMSIZE[dtype]].view(np_type)
+    if np_type == np.float16:
+        values = values.astype(np.float32)
+    with np.errstate(all="ignore"):  # overflow wraps or gives inf silently, as in MPI
+        values = _np_scale(values, prescale)
+        reduced = _NP_REDUCE[op].reduce(values, axis=0, dtype=values.dtype)
+        reduced = _np_scale(reduced, postscale / size if op == AVERAGE else postscale)
+    return torch.from_numpy(np.ascontiguousarray(reduced).astype(np_type, copy=False))
+
+
+def _reduce_rows_torch(rows: list[torch.Tensor], op: int, prescale: float, postscale: float,
+                       size: int) -> torch.Tensor:
+    """Reduce every rank's values (one flat tensor per rank) in rank order, as
+    `allreduce_flat_` would across ranks: same op, same scaling, same working type."""
+    work = [r.float() if r.dtype in _HALF else r for r in rows]
+    for w in work:
+        scale_(w, prescale)
+    acc = work[0]
+    for w in work[1:]:
+        if op in (SUM, AVERAGE):
+            acc.add_(w)
+        elif op == MIN:
+            torch.minimum(acc, w, out=acc)
+        elif op == MAX:
+            torch.maximum(acc, w, out=acc)
+        else:
+            acc.mul_(w)
+    scale_(acc, postscale / size if op == AVERAGE else postscale)
+    return acc.to(rows[0].dtype)
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -20,6 +20,8 @@ OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
        "Product": hvd.Product}
 REDUCIBLE = INT_TYPES + FLOAT_TYPES
 SHAPE = (3, 5)  # 15 elements: odd, and more than the world size
+# Up to 256 bytes travel with the signature and are reduced locally; larger ones go to MPI.
+SHAPES = {"small": SHAPE, "large": (41, 7)}
 
 
 def test_basics():
@@ -33,19 +35,22 @@ def test_basics():
     assert (hvd.Average, hvd.Sum, hvd.Adasum, hvd.Min, hvd.Max, hvd.Product) == (0, 1, 2, 3, 4, 5)
 
 
+@pytest.mark.parametrize("size", list(SHAPES))
 @pytest.mark.parametrize("dtype", REDUCIBLE, ids=str)
 @pytest.mark.parametrize("op", list(OPS))
-def test_allreduce_every_op_and_dtype(op, dtype):
-    inputs = all_inputs(hvd.size(), SHAPE, dtype, seed=1)
+def test_allreduce_every_op_and_dtype(op, dtype, size):
+    inputs = all_inputs(hvd.size(), SHAPES[size], dtype, seed=1)
     mine = inputs[hvd.rank()].clone()
     got = hvd.allreduce(mine, op=OPS[op])
     assert torch.equal(mine, inputs[hvd.rank()])  # out of place: input untouched
     assert_matches(got, reduce_oracle(inputs, op), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float16], ids=str)
-def test_prescale_and_postscale(dtype):
-    inputs = all_inputs(hvd.size(), SHAPE, dtype, seed=2)
+@pytest.mark.parametrize("size", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float16, torch.uint8],
+                         ids=str)
+def test_prescale_and_postscale(dtype, size):
+    inputs = all_inputs(hvd.size(), SHAPES[size], dtype, seed=2)
     for op in ("Sum", "Average"):
         got = hvd.allreduce(inputs[hvd.rank()], op=OPS[op], prescale_factor=0.5,
                             postscale_factor=3.0)
@@ -208,10 +213,11 @@ def test_gradient_through_allgather():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.bfloat16, torch.bool,
                                    torch.uint8, torch.float64], ids=str)
-def test_broadcast_from_every_root(dtype):
+@pytest.mark.parametrize("shape", [(2, 3), (30, 11)])
+def test_broadcast_from_every_root(dtype, shape):
     n, r = hvd.size(), hvd.rank()
     for root in range(n):
-        everyone = all_inputs(n, (2, 3), dtype, seed=14 + root)
+        everyone = all_inputs(n, shape, dtype, seed=14 + root)
         mine = everyone[r].clone()
         out = hvd.broadcast(mine, root)
         assert torch.equal(out, everyone[root]) and torch.equal(mine, everyone[r])
