@@ -86,9 +86,15 @@ def diagnose(rank: int, entered: int, label: str, waited_s: float, timeout_s: fl
     return missing, head + "".join(line + "\n" for line in lines) + hint
 
 
+# MPI_Abort makes MPICH's mpiexec kill every process at once; output still in its pipes is
+# lost with them (seen here: exit 4 with an empty stderr). A pause lets it reach the user.
+FORWARD_GRACE_S = 1.0
+
+
 def _abort_job(message: str) -> None:
     sys.stderr.write(message)
     sys.stderr.flush()
+    time.sleep(FORWARD_GRACE_S)
     MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
 
 

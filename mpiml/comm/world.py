@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 from mpi4py import MPI
 
-from mpiml.comm.watchdog import EXIT_WATCHDOG, Watchdog
+from mpiml.comm.watchdog import EXIT_WATCHDOG, FORWARD_GRACE_S, Watchdog
 from mpiml.errors import CommError, MpimlError, unwinding_alone
 
 T = TypeVar("T")
@@ -215,5 +216,6 @@ def _abort(rank: int, message: str, code: int) -> int:
     sys.stderr.write(message)
     sys.stderr.flush()
     if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        time.sleep(FORWARD_GRACE_S)  # let the launcher pass the message on before the kill
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)
