@@ -7,29 +7,9 @@ a failure on any rank aborts the whole job instead of leaving the others in a co
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-
-def pytest_ignore_collect(collection_path, config):
-    if not config.getoption("with_mpi", default=False):
-        return True
-    return None
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed and item.config.getoption("with_mpi", default=False):
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.Get_size() > 1:
-            sys.stderr.write(f"\nrank {MPI.COMM_WORLD.Get_rank()}: {item.nodeid} failed:\n"
-                             f"{report.longreprtext}\naborting the MPI job\n")
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
+from mpi_suite import pytest_ignore_collect, pytest_runtest_makereport  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
