@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mpiml.config import Config, dump_config, load_config, scaled_lr
+from mpiml.config import Config, add_override_option, dump_config, load_config, scaled_lr
 from mpiml.errors import MpimlError
 
 EXIT_USAGE = 2  # as mpiml.comm.world.EXIT_USAGE, without importing MPI for it
@@ -58,9 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m mpiml.check_config",
         description="Validate a config without MPI and print it resolved (exit 2 if invalid).")
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override one config value (parsed as YAML); repeatable")
+    add_override_option(parser)
     parser.add_argument("--ranks", type=int, default=1, metavar="N",
                         help="world size to show the global batch and scaled lr for (default 1)")
     parser.add_argument("--build", action="store_true",

@@ -398,6 +398,13 @@ def config_from_dict(data: Any) -> Config:
     return _build(Config, data, "")
 
 
+def add_override_option(parser: Any) -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) on an argparse parser, read by `load_config`."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one config value (parsed as YAML); repeatable")
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` (value parsed as YAML) to plain config data."""
     path, sep, raw = assignment.partition("=")

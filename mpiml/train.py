@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from mpiml.config import Config, dump_config, load_config
+from mpiml.config import Config, add_override_option, dump_config, load_config
 from mpiml.errors import ConfigError, MpimlError
 from mpiml.runlog import RunLog
 from mpiml.signals import StopRequest
@@ -19,9 +19,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m mpiml.train",
         description="Data-parallel training under mpirun or srun; see README.md.")
     parser.add_argument("config", help="YAML config file (sections train, data, model, ...)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override one config value (parsed as YAML); repeatable")
+    add_override_option(parser)
     parser.add_argument("--resume", default="none", metavar="auto|PATH|none",
                         help="auto: continue from the newest valid checkpoint of run.dir (or "
                              "start fresh if there is none); PATH: from that checkpoint "
