@@ -29,6 +29,7 @@ caller so the hot path allocates nothing.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -137,6 +138,7 @@ Combine = Callable[[np.ndarray, np.ndarray, bool], None]
 Wait = Callable[[MPI.Request], None]
 _STEP_TAG = 0x100  # step t of the pipelined ring uses tag _STEP_TAG + t
 DEFAULT_WINDOW = 2
+_YIELD_S = 1e-3  # how long `polling_wait` yields before it sleeps
 
 
 def blocking_wait(request: MPI.Request) -> None:
@@ -145,7 +147,7 @@ def blocking_wait(request: MPI.Request) -> None:
 
 
 def polling_wait(request: MPI.Request) -> None:
-    """Test, then sleep a few microseconds between tests, until `request` completes.
+    """Test and yield the core, then test and sleep, until `request` completes.
 
     Why: MPI's blocking wait spins. In a communication thread that shares its core with the
     compute thread (one core per rank, the usual HPC layout), a spinning wait for a peer that
@@ -153,7 +155,19 @@ def polling_wait(request: MPI.Request) -> None:
     peer's transfer in turn waits for a time slice: measured on the 2-core machine at N = 2,
     a 16 MiB ring allreduce next to a matmul loop took 48 ms with spinning waits against
     about 10 ms with this one (3.5 ms alone). Each test also drives MPI's progress.
+
+    The first `_YIELD_S` of a wait only yield (`sched_yield` hands the core to a runnable
+    thread and returns at once when there is none), because a sleep, however short it is
+    asked to be, lasts 100-240 us here (the kernel's timer slack): a cost on every barrier
+    of a shared-memory bucket whose peer arrives a few microseconds later.
     """
+    if request.Test():
+        return
+    deadline = time.perf_counter() + _YIELD_S
+    while time.perf_counter() < deadline:
+        os.sched_yield()
+        if request.Test():
+            return
     delay = 5e-6
     while not request.Test():
         time.sleep(delay)

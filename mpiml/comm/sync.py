@@ -18,6 +18,7 @@ while backward carries on with earlier layers. The optimizer waits only in `fini
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpiml.comm import shm
 from mpiml.comm.allreduce import Allreducer
+from mpiml.comm.shm import SharedBuckets
 from mpiml.comm.world import World
 from mpiml.errors import CommError, unwinding_alone
 
@@ -80,6 +83,16 @@ def _describe(entry: tuple | None) -> str:
     return f"'{name}' {list(shape)} {dtype}" + ("" if trainable else " (frozen)")
 
 
+def _check_dtypes(dtypes: set[torch.dtype], compression: str) -> None:
+    for dtype in dtypes:
+        if dtype not in _KIND:
+            raise CommError(f"gradients of dtype {dtype} cannot be synchronised; use "
+                            f"one of {', '.join(map(str, _KIND))}").agreed()
+        if dtype == torch.float64 and _WIRE[compression] is not None:
+            raise CommError(f"comm.compression = {compression!r} does not apply to float64 "
+                            "gradients; use comm.compression: none").agreed()
+
+
 @dataclass
 class _Bucket:
     index: int
@@ -87,6 +100,7 @@ class _Bucket:
     params: list[torch.nn.Parameter]
     views: list[torch.Tensor]
     pending: int = 0
+    slot: int = 0  # index among the buckets of its dtype (its place in a SharedBuckets)
     future: Future | None = None
 
 
@@ -105,7 +119,7 @@ class GradSync:
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
                  overlap: bool = True, algorithm: str = "auto",
-                 compression: str = "none") -> None:
+                 compression: str = "none", node_comm: MPI.Comm | None = None) -> None:
         self.world = world
         self.size = world.size
         self.overlap = overlap and world.size > 1
@@ -116,9 +130,15 @@ class GradSync:
         check_layout(world, module)
         broadcast_module(world, module)
         self.comm: MPI.Comm = world.comm.Dup()  # ours alone: the thread's traffic never mixes
-        self.buckets = self._build_buckets(module, int(bucket_mb * 2**20))
+        groups = self._group(module, int(bucket_mb * 2**20))
+        _check_dtypes({g[0].dtype for g in groups}, compression)
+        # `auto` keeps buckets in node-shared memory where the layout allows (see shm.py);
+        # `ring`, `doubling` and `mpi` reduce private buffers over the whole communicator.
+        self._shared = self._build_shared(groups, algorithm, compression,
+                                          world.node_comm if node_comm is None else node_comm)
+        self.buckets = self._build_buckets(groups)
         self._next = 0  # index of the next bucket to launch: launches go strictly in order
-        self._reducers = self._build_reducers(algorithm, compression)
+        self._reducers = {} if self._shared else self._build_reducers(algorithm, compression)
         self._executor = ThreadPoolExecutor(1, "mpiml-comm") if self.overlap else None
         if self.overlap:
             for bucket in self.buckets:
@@ -128,7 +148,9 @@ class GradSync:
         self.zero_grad()
 
     # -- layout -------------------------------------------------------------------------------
-    def _build_buckets(self, module: torch.nn.Module, bucket_bytes: int) -> list[_Bucket]:
+    @staticmethod
+    def _group(module: torch.nn.Module, bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
+        """Trainable parameters in reverse order, cut into runs of one dtype, ~bucket_bytes."""
         params = [p for p in module.parameters() if p.requires_grad]
         groups: list[list[torch.nn.Parameter]] = []
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
@@ -138,16 +160,49 @@ class GradSync:
             if sum(q.numel() * q.element_size() for q in current) >= bucket_bytes:
                 groups.append(current)
                 by_dtype[p.dtype] = []
-        groups += [g for g in by_dtype.values() if g]
+        return groups + [g for g in by_dtype.values() if g]
+
+    def _build_shared(self, groups: list[list[torch.nn.Parameter]], algorithm: str,
+                      compression: str, node_comm: MPI.Comm) -> dict[torch.dtype, SharedBuckets]:
+        """Shared-memory buckets per dtype, or {} to reduce private ones (decided collectively)."""
+        if algorithm != "auto" or self.size == 1 or not shm.usable(self.comm, node_comm):
+            return {}
+        need = node_comm.Get_size() * sum(
+            sum(p.numel() for p in g) * g[0].element_size() + 64 for g in groups)
+        free = shm.shm_free_bytes()
+        enough = free is None or free >= need * 1.1
+        if not all(self.comm.allgather(enough)):
+            if self.world.is_root:
+                sys.stderr.write(
+                    f"mpiml: warning: {shm.SHM_DIR} has too little free space for the gradient "
+                    f"buckets in shared memory ({need / 2**20:.0f} MiB per node): reducing by the "
+                    "ring instead, which is slower on one node. Enlarge it (docker: --shm-size) "
+                    "or set comm.algorithm: ring to silence this\n")
+            return {}
+        shared = {}
+        for dtype in sorted({g[0].dtype for g in groups}, key=str):
+            lengths = [sum(p.numel() for p in g) for g in groups if g[0].dtype == dtype]
+            shared[dtype] = SharedBuckets(self.comm, node_comm, lengths, _KIND[dtype],
+                                          wire=_WIRE[compression], polling=self.overlap)
+        return shared
+
+    def _build_buckets(self, groups: list[list[torch.nn.Parameter]]) -> list[_Bucket]:
         buckets = []
+        slot: dict[torch.dtype, int] = {}  # a bucket's index among its dtype's shared buffers
         for index, group in enumerate(groups):
+            dtype = group[0].dtype
             total = sum(p.numel() for p in group)
-            buffer = torch.zeros(total, dtype=group[0].dtype)
+            slot[dtype] = position = slot.get(dtype, -1) + 1
+            if dtype in self._shared:
+                buffer = self._shared[dtype].tensors[position]
+            else:
+                buffer = torch.zeros(total, dtype=dtype)
             views, offset = [], 0
             for p in group:
                 views.append(buffer[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
-            buckets.append(_Bucket(index, buffer, group, views, pending=len(group)))
+            buckets.append(_Bucket(index, buffer, group, views, pending=len(group),
+                                   slot=position))
         layout = [(b.buffer.numel(), str(b.buffer.dtype)) for b in buckets]
         self.world.check_same("gradient bucket layout", layout)
         return buckets
@@ -156,14 +211,8 @@ class GradSync:
         """One Allreducer per gradient dtype, sized for its largest bucket, built once."""
         reducers = {}
         for dtype in sorted({b.buffer.dtype for b in self.buckets}, key=str):
-            if dtype not in _KIND:
-                raise CommError(f"gradients of dtype {dtype} cannot be synchronised; use "
-                                f"one of {', '.join(map(str, _KIND))}").agreed()
             longest = max(b.buffer.numel() for b in self.buckets if b.buffer.dtype == dtype)
             wire = _WIRE[compression]
-            if dtype == torch.float64 and wire is not None:
-                raise CommError(f"comm.compression = {compression!r} does not apply to float64 "
-                                "gradients; use comm.compression: none").agreed()
             reducers[dtype] = Allreducer(self.comm, longest, _KIND[dtype], algorithm=algorithm,
                                          wire=wire, average=True, polling=self.overlap)
         return reducers
@@ -222,7 +271,11 @@ class GradSync:
 
     def _reduce(self, bucket: _Bucket) -> None:
         start = time.perf_counter()
-        self._reducers[bucket.buffer.dtype](numpy_view(bucket.buffer))  # averages in place
+        shared = self._shared.get(bucket.buffer.dtype)
+        if shared is not None:
+            shared.reduce(bucket.slot)
+        else:
+            self._reducers[bucket.buffer.dtype](numpy_view(bucket.buffer))  # averages in place
         self.stats.comm_s += time.perf_counter() - start
         self.stats.calls += 1
 
@@ -271,6 +324,16 @@ class GradSync:
             return
         for reducer in self._reducers.values():
             reducer.close()
+        if self._shared:  # .grad must not outlive the window it points into
+            for bucket in self.buckets:
+                for param, view in zip(bucket.params, bucket.views, strict=True):
+                    if param.grad is not None and param.grad.data_ptr() == view.data_ptr():
+                        param.grad = view.clone()
+                bucket.buffer = torch.empty(0, dtype=bucket.buffer.dtype)
+                bucket.views = []
+            for shared in self._shared.values():
+                shared.close()
+            self._shared = {}
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()
         self.comm = MPI.COMM_NULL
