@@ -199,12 +199,17 @@ class OptimConfig:
 class CommConfig:
     """How gradients are synchronised."""
 
-    # auto: MPI's Allreduce below 1 MiB, our pipelined ring (or, at 2 ranks, one exchange)
-    # above; ring: always ours; mpi: always MPI's own, to compare and as a fallback
+    # auto: buckets in node-shared memory, summed there by the node's ranks and across nodes
+    # by our ring (MPI's Allreduce below 1 MiB); ring: our pipelined ring (or, at 2 ranks,
+    # one exchange) over all ranks; mpi: MPI's own Allreduce, to compare and as a fallback
     algorithm: Literal["auto", "ring", "mpi"] = "auto"
-    compression: Literal["none", "fp16", "bf16"] = "none"  # 16-bit wire, summed in float32
+    # 16-bit wire, summed in float32 (under algorithm auto, between nodes only: within a
+    # node the buckets are read from shared memory and nothing travels)
+    compression: Literal["none", "fp16", "bf16"] = "none"
     bucket_mb: float = 4.0  # gradients are fused into buckets of about this many MiB
-    overlap: bool = True  # start each bucket's allreduce during backward
+    # start each bucket's allreduce during backward; auto: time the first steps both ways
+    # and keep the faster (overlap needs a core or a network to run on beside backward)
+    overlap: bool | Literal["auto"] = "auto"
     # abort the job (exit 4) when a collective waits this long for a rank; null: never
     timeout_s: float | None = 300.0
 

@@ -112,6 +112,7 @@ class Trainer:
         self.last_saved: tuple[int, bool] | None = None  # (step, complete) of the last save
         self.last_lr = 0.0
         self.window = _Window()
+        self._told_overlap = False  # the overlap tuner's choice is printed once
         n_params = sum(p.numel() for p in self.model.parameters())
         param_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         # model + optimizer state (up to 2x for Adam) + every rank's RNG states (~16 KiB each)
@@ -313,7 +314,10 @@ class Trainer:
                         breakdown_ms=ms,
                         busy_ms_max=round(per_rank[slowest_rank][1] * 1e3, 3),
                         busy_ms_min=round(min(b for _, b in per_rank) * 1e3, 3),
-                        slowest_rank=slowest_rank)
+                        slowest_rank=slowest_rank, overlap=self.sync.overlap)
+        if self.sync.decision is not None and not self._told_overlap:
+            self.log.print(self.sync.decision)
+            self._told_overlap = True
         self.log.progress.report(self.epoch, self.step, float(loss), float(rate))
 
     def evaluate(self) -> None:

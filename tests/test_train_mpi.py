@@ -87,6 +87,10 @@ def test_metrics_are_global_and_run_dir_is_complete(tmp_path):
     eval_recs = [r for r in records if "eval_accuracy" in r]
     assert train_recs and eval_recs
     assert {"step", "epoch", "loss", "samples_per_s"} <= set(train_recs[0])
+    # comm.overlap auto timed both ways in the first steps, chose, and said so once.
+    assert job.stdout.count("comm.overlap auto: ") == 1, job.output
+    chosen = "auto: on" in job.stdout
+    assert train_recs[-1]["overlap"] is chosen
     assert {"epoch", "eval_loss", "eval_accuracy"} <= set(eval_recs[0])
     assert len(eval_recs) == 3  # one per epoch, not one per rank
     steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoints/step-*"))

@@ -186,7 +186,6 @@ class Allreducer:
             int(max_elements), dtype, algorithm, wire, bool(average), int(segment_bytes),
             int(small_threshold_bytes), bool(polling),
         )
-        self._wait = polling_wait if config.polling else blocking_wait
         self.comm = comm
         self.size: int = comm.Get_size()
         everyone = comm.allgather(config)
@@ -221,9 +220,10 @@ class Allreducer:
         self._bounds: dict[int, list[list[tuple[int, int]]]] = {}
         self._combine = self._build_combine()
         # Plain float buffers under the threshold with no averaging go straight to MPI.
-        self._mpi_fast = (config.algorithm in ("auto", "mpi") and self._work is None
-                          and not config.compressed and not config.polling
-                          and not config.average and self.size > 1)
+        self._mpi_fast_ok = (config.algorithm in ("auto", "mpi") and self._work is None
+                             and not config.compressed and not config.average
+                             and self.size > 1)
+        self.polling = config.polling  # sets the wait and whether the fast path may block
         self._small = (config.small_threshold_bytes if config.algorithm == "auto"
                        else float("inf"))
         self._max = config.max_elements
@@ -263,6 +263,17 @@ class Allreducer:
         self._reduce(self._work[:n])
         _as_torch(buf, kind).copy_(work_t)
 
+    @property
+    def polling(self) -> bool:
+        """Whether waits test and sleep (`ring.polling_wait`) rather than spin; settable
+        between calls, so one reducer can serve a communication thread and a plain caller."""
+        return self._wait is polling_wait
+
+    @polling.setter
+    def polling(self, value: bool) -> None:
+        self._wait = polling_wait if value else blocking_wait
+        self._mpi_fast = self._mpi_fast_ok and not value
+
     def algorithm_for(self, nbytes: int) -> str:
         """Which algorithm a buffer of `nbytes` (on the wire) takes: "ring", "doubling" or "mpi"."""
         algorithm = self.config.algorithm
@@ -282,7 +293,7 @@ class Allreducer:
         """Reduce `wire` (already in the wire type) in place with the chosen algorithm."""
         algorithm = self.algorithm_for(wire.nbytes)
         if algorithm == "mpi":
-            if self.config.polling:
+            if self._wait is polling_wait:
                 self._wait(self.comm.Iallreduce(MPI.IN_PLACE, wire, op=MPI.SUM))
             else:
                 self.comm.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)

@@ -89,7 +89,7 @@ class SharedBuckets:
         self.node = node_comm.Dup()  # ours alone, like the ring's communicator
         self.local_size = self.node.Get_size()
         self.local_rank = self.node.Get_rank()
-        self._wait = polling_wait if polling else blocking_wait
+        self.polling = polling
         itemsize = np.dtype(_NUMPY[dtype]).itemsize
         align = _ALIGN_BYTES // itemsize
         starts, total = [], 0
@@ -117,6 +117,17 @@ class SharedBuckets:
             self._cross_reducer = Allreducer(
                 self.cross, max(longest_share, 1), kind, algorithm=algorithm,
                 wire=wire if wire != kind else None, polling=polling)
+
+    @property
+    def polling(self) -> bool:
+        """Whether waits test and sleep (`ring.polling_wait`) rather than spin; settable."""
+        return self._wait is polling_wait
+
+    @polling.setter
+    def polling(self, value: bool) -> None:
+        self._wait = polling_wait if value else blocking_wait
+        if getattr(self, "_cross_reducer", None) is not None:
+            self._cross_reducer.polling = value
 
     def _window_array(self, rank: int, count: int) -> np.ndarray:
         memory, _ = self.win.Shared_query(rank)

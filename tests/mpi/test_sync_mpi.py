@@ -38,7 +38,7 @@ def world():
     w.close()
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("overlap", [True, False, "auto"])
 @pytest.mark.parametrize("bucket_mb", [0.001, 4.0])
 @pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
 def test_gradients_are_the_average_of_every_rank(world, overlap, bucket_mb, algorithm):
@@ -131,3 +131,35 @@ def test_half_precision_and_compression_against_float64(world, dtype, compressio
             assert err <= rtol, f"{n}: relative error {err:.2e} > {rtol:.0e}"
             digests = world.allgather_object(p.grad.view(-1).float().numpy().tobytes())
             assert len(set(digests)) == 1, f"{n}: ranks hold different bits"
+
+
+def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
+    """The tuner alternates overlap on/off after its warm-up, then all ranks agree on one;
+    the averages are right under either mode and across the switches."""
+    model = Net()
+    with GradSync(world, model, bucket_mb=0.001, overlap="auto") as sync:
+        tuner = sync._tuner
+        if world.size == 1:
+            assert tuner is None and sync.overlap is False  # nothing to overlap with
+            return
+        modes = []
+        steps = tuner.warmup + 2 * tuner.trials
+        for step in range(steps + 2):
+            modes.append(sync.overlap)
+            local_grads(model, world.rank, micro=step)
+            mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
+            sync.finish()
+            everyone = world.allgather_object(mine)
+            for n, p in model.named_parameters():
+                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
+                np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
+            sync.zero_grad()
+            assert (sync.decision is None) == (step + 1 < steps), (step, sync.decision)
+        # warm-up with overlap, then strictly alternating, then the choice held
+        assert modes[: tuner.warmup] == [True] * tuner.warmup
+        trial = modes[tuner.warmup : steps]
+        assert trial == [not trial[0] if i % 2 else trial[0] for i in range(len(trial))]
+        assert trial.count(True) == trial.count(False) == tuner.trials
+        assert modes[steps:] == [sync.overlap] * 2
+        assert len(set(world.allgather_object((sync.overlap, sync.decision)))) == 1
+        assert ("auto: on" if sync.overlap else "auto: off") in sync.decision
