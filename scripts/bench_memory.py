@@ -3,8 +3,10 @@
     python scripts/bench_memory.py [--model wide] [--steps 5] [--np 2]
 
 Launches three worker jobs one after another (each a fresh process, so peaks do not mix) and
-prints one JSON document: each worker's peak RSS (VmHWM) per rank, and mpiml's growth over plain
-PyTorch in units of the model's gradient size (the issue's budget is about two).
+prints one JSON document: each worker's peak RSS (VmHWM) and end-of-training PSS per rank, and
+mpiml's growth over plain PyTorch in units of the model's gradient size (the issue's budget is
+about two). Peak RSS counts a page of node-shared memory in every rank that read it; PSS
+splits it between them.
 
 - ``plain``: one process, the same loop with no communication at all;
 - ``mpiml``: ``mpiexec -n NP``, GradSync with fused buckets and overlap;
@@ -37,6 +39,23 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def pss_mb() -> float:
+    """Proportional set size: shared pages split between the processes that map them.
+
+    Peak RSS counts a shared page in full in every rank that touched it, and mpiml's buckets
+    live in node-shared memory that each rank reads from its peers: PSS is the honest
+    per-rank share of physical memory.
+    """
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def worker(kind: str, model_name: str, steps: int, batch: int) -> None:
     torch.set_num_threads(1)
     factory, shape = build(model_name)
@@ -66,16 +85,17 @@ def worker(kind: str, model_name: str, steps: int, batch: int) -> None:
             sync.zero_grad()
         else:
             opt.zero_grad(set_to_none=False)
-    peaks = [peak_rss_mb()]
+    peaks, pss = [peak_rss_mb()], [pss_mb()]  # PSS at the end of training, with buckets live
     if world is not None:
         peaks = world.allgather_object(peaks[0])
+        pss = world.allgather_object(pss[0])
         if sync is not None:
             sync.close()
         if kind == "ddp":
             torch.distributed.destroy_process_group()
     if world is None or world.is_root:
         print(json.dumps({"kind": kind, "peak_rss_mb": [round(p, 1) for p in peaks],
-                          "grad_mb": round(grad_mb, 1)}))
+                          "pss_mb": [round(p, 1) for p in pss], "grad_mb": round(grad_mb, 1)}))
     if world is not None:
         world.close()
 
@@ -110,6 +130,10 @@ def main() -> int:
               "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in runs.items()},
               "growth_over_plain_in_gradient_sizes": {
                   k: round((max(runs[k]["peak_rss_mb"]) - plain) / grad, 2)
+                  for k in ("mpiml", "ddp")},
+              "pss_mb": {k: v["pss_mb"] for k, v in runs.items()},
+              "pss_growth_over_plain_in_gradient_sizes": {
+                  k: round((max(runs[k]["pss_mb"]) - runs["plain"]["pss_mb"][0]) / grad, 2)
                   for k in ("mpiml", "ddp")}}
     print(json.dumps(report, indent=1))
     return 0
