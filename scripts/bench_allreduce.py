@@ -9,9 +9,13 @@ so that background load hits all of them alike. A repeat is: barrier, time one c
 rank, keep the slowest rank's time. Reported: the median over repeats (after warmup),
 algorithm bandwidth (bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of
 a ring) and the ratios
-mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpi" is `Allreduce(IN_PLACE, buf)`, the
-same in-place contract as mpiml; "mpi_out" is `Allreduce(buf, out)` into a second preallocated
-buffer; `ratio_vs_mpi` compares mpiml against the faster of the two.
+mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpiml_shared" (when the ranks share
+nodes, see `mpiml/comm/shm.py`) is the path gradients take under `comm.algorithm: auto`: a
+bucket that lives in node-shared memory, averaged in place (it includes the division); it
+cannot take an arbitrary buffer, so it is timed on its own bucket of the same size. "mpi" is
+`Allreduce(IN_PLACE, buf)`, the same in-place contract as mpiml; "mpi_out" is
+`Allreduce(buf, out)` into a second preallocated buffer; `ratio_vs_mpi` compares mpiml
+against the faster of the two.
 
 Rank 0 prints one JSON document on stdout (and writes it to --out). Buffers hold zeros while
 timed, so repeated in-place sums neither overflow nor hit denormals; each candidate's result is
@@ -35,11 +39,13 @@ import torch
 import torch.distributed as dist
 from mpi4py import MPI  # the benchmark measures MPI itself; the library keeps it in mpiml.comm
 
+from mpiml.comm import shm
 from mpiml.comm.allreduce import (
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SMALL_THRESHOLD_BYTES,
     Allreducer,
 )
+from mpiml.comm.shm import SharedBuckets
 from mpiml.comm.world import build_world, run_or_abort
 
 DEFAULT_SIZES = [4 << 10 << k for k in range(15)]  # 4 KiB .. 64 MiB, powers of two
@@ -89,15 +95,18 @@ def candidates(comm: MPI.Comm, buf: np.ndarray, out: np.ndarray, reducers: dict[
 
 
 def check_results(comm: MPI.Comm, buf: np.ndarray, calls: dict[str, Callable[[], None]],
-                  out: np.ndarray) -> None:
+                  out: np.ndarray, shared: np.ndarray | None = None) -> None:
     """Every candidate must give MPI's answer (to float32 rounding) on random data."""
     data = np.random.default_rng(comm.Get_rank()).standard_normal(buf.size).astype(np.float32)
     expected = np.empty_like(data)
     comm.Allreduce(data, expected, op=MPI.SUM)
     for name, call in calls.items():
-        np.copyto(buf, data)
+        target = shared if name == "mpiml_shared" else buf
+        np.copyto(target, data)
         call()
-        got = out if name == "mpi_out" else buf
+        got = out if name == "mpi_out" else target
+        if name == "mpiml_shared":  # it averages
+            got = got * comm.Get_size()
         if not np.allclose(got, expected, rtol=1e-5, atol=1e-5 * comm.Get_size()):
             raise RuntimeError(f"{name} gave a wrong sum at {buf.nbytes} bytes")
 
@@ -158,6 +167,10 @@ def main() -> int:
     for text in filter(None, args.ring_segments.split(",")):
         reducers[f"ring@{text}"] = Allreducer(comm, max_elements, "float32", algorithm="ring",
                                               segment_bytes=parse_bytes(text))
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
+    shared = None
+    if shm.usable(comm, node):  # one shared bucket per size, as gradients would have
+        shared = SharedBuckets(comm, node, [s // 4 for s in sizes], "float32")
     big = np.zeros(max_elements, dtype=np.float32)
     big_out = np.zeros_like(big)
 
@@ -166,8 +179,15 @@ def main() -> int:
     for nbytes in sizes:
         buf, out = big[: nbytes // 4], big_out[: nbytes // 4]
         calls = candidates(comm, buf, out, reducers, not args.no_gloo)
-        check_results(comm, buf, calls, out)
+        bucket = None
+        if shared is not None:
+            index = sizes.index(nbytes)
+            bucket = shared.tensors[index].numpy()
+            calls["mpiml_shared"] = lambda i=index: shared.reduce(i)
+        check_results(comm, buf, calls, out, bucket)
         buf.fill(0.0)
+        if bucket is not None:
+            bucket.fill(0.0)
         medians = time_size(comm, calls, args.repeats)
         best_mpi = min(medians["mpi"], medians["mpi_out"])
         entry = {
@@ -181,6 +201,8 @@ def main() -> int:
             "ratio_vs_mpi": round(medians["mpiml"] / best_mpi, 3),
             "ratio_ring_vs_mpi": round(medians["mpiml_ring"] / best_mpi, 3),
         }
+        if "mpiml_shared" in medians:
+            entry["ratio_shared_vs_mpi"] = round(medians["mpiml_shared"] / best_mpi, 3)
         if "gloo" in medians:
             entry["ratio_vs_gloo"] = round(medians["mpiml"] / medians["gloo"], 3)
         results.append(entry)
@@ -214,6 +236,9 @@ def main() -> int:
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")
+    if shared is not None:
+        shared.close()
+    node.Free()
     world.close()
     return 0
 

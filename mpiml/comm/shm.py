@@ -22,6 +22,9 @@ One bucket, L local ranks, K elements cut into L shares s0..s{L-1}::
 Same bits everywhere: each share's final value is computed by one rank per node (its owner;
 across nodes the ring's result is bitwise identical on its ranks) and only copied by the others.
 
+Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
+own Allreduce (through an `Allreducer` on the whole communicator) beats three barriers.
+
 Used by `GradSync` when every node holds the same number of ranks (so the per-local-rank
 communicators line up) and more than one; `usable()` decides collectively. 16-bit buckets are
 summed in float32 and rounded once; `wire` compression applies to the ring across nodes (on
@@ -46,6 +49,11 @@ _TORCH = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
           "bfloat16": torch.bfloat16}
 _ALIGN_BYTES = 64  # shares and buckets start on their own cache line
 _SEGMENT_BYTES = 256 << 10  # the owner adds and averages a share this much at a time (L2)
+# Below this a bucket goes through an `Allreducer` (MPI's latency path) on the whole
+# communicator instead: three node barriers cost more than the data. At N = 2 on the 2-core
+# machine the shared path wins from 128 KiB (49 us against MPI's 49-51 us) and loses below
+# (4 KiB: 32 us against 7 us).
+SMALL_BUCKET_BYTES = 128 << 10
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI back shared windows on Linux
 
 
@@ -77,11 +85,12 @@ class SharedBuckets:
     split to stand in for several nodes. `tensors[i]` is a torch view of this rank's bucket i
     (what the parameters' `.grad` views point into). `polling=True` for a communication thread
     that shares its core with backward (waits test and sleep, see `ring.polling_wait`).
+    Buckets under `small_bytes` stay private and go through MPI's Allreduce.
     """
 
     def __init__(self, comm: MPI.Comm, node_comm: MPI.Comm, lengths: list[int], dtype: str,
                  *, wire: str | None = None, algorithm: str = "auto",
-                 polling: bool = False) -> None:
+                 polling: bool = False, small_bytes: int = SMALL_BUCKET_BYTES) -> None:
         if dtype not in _NUMPY:
             raise CommError(f"SharedBuckets dtype={dtype!r}: choose one of {tuple(_NUMPY)}")
         self.dtype = dtype
@@ -92,24 +101,35 @@ class SharedBuckets:
         self.polling = polling
         itemsize = np.dtype(_NUMPY[dtype]).itemsize
         align = _ALIGN_BYTES // itemsize
+        # Small buckets stay private: MPI is slower on window memory (16 us against 11 us
+        # for a 4 KiB Allreduce here), and they never take the shared path anyway.
+        self._shared_index = [n * itemsize >= small_bytes for n in lengths]
         starts, total = [], 0
-        for n in lengths:
+        for n, shared in zip(lengths, self._shared_index, strict=True):
             starts.append(total)
-            total += -(-n // align) * align
+            total += -(-n // align) * align if shared else 0
         self.win = MPI.Win.Allocate_shared(max(total, 1) * itemsize, itemsize, comm=self.node)
         self._peers = [self._window_array(q, max(total, 1)) for q in range(self.local_size)]
-        # Bucket i of local rank q, and this rank's share bounds of each bucket.
-        self._buckets = [[peer[s : s + n] for s, n in zip(starts, lengths, strict=True)]
-                         for peer in self._peers]
+        # Bucket i of local rank q (None: a private bucket of another rank), and this rank's
+        # share bounds of each bucket.
+        self._buckets = [
+            [peer[s : s + n] if shared else
+             (_private(n, dtype) if q == self.local_rank else None)
+             for s, n, shared in zip(starts, lengths, self._shared_index, strict=True)]
+            for q, peer in enumerate(self._peers)]
         self._shares = [_share_bounds(n, self.local_size, align) for n in lengths]
-        mine = self._buckets[self.local_rank]
-        self.tensors = [_torch_view(b, dtype) for b in mine]
+        self.tensors = [_torch_view(b, dtype) for b in self._buckets[self.local_rank]]
         for t in self.tensors:
             t.zero_()
-        longest_share = max((hi - lo for bounds in self._shares for lo, hi in bounds), default=0)
+        longest_share = max((hi - lo for bounds, shared in zip(self._shares, self._shared_index,
+                                                               strict=True)
+                             if shared for lo, hi in bounds), default=0)
         half = dtype in ("float16", "bfloat16")
         # 16-bit shares are summed in float32 here, then rounded once.
         self._acc = torch.empty(longest_share if half else 0, dtype=torch.float32)
+        small = [n for n, shared in zip(lengths, self._shared_index, strict=True) if not shared]
+        self._small_reducer = (Allreducer(comm, max(small), dtype, average=True,
+                                          polling=polling) if small else None)
         self.cross = comm.Split(self.local_rank, comm.Get_rank())  # one rank per node
         self._cross_reducer = None
         if self.cross.Get_size() > 1:
@@ -126,8 +146,9 @@ class SharedBuckets:
     @polling.setter
     def polling(self, value: bool) -> None:
         self._wait = polling_wait if value else blocking_wait
-        if getattr(self, "_cross_reducer", None) is not None:
-            self._cross_reducer.polling = value
+        for reducer in ("_cross_reducer", "_small_reducer"):
+            if getattr(self, reducer, None) is not None:
+                getattr(self, reducer).polling = value
 
     def _window_array(self, rank: int, count: int) -> np.ndarray:
         memory, _ = self.win.Shared_query(rank)
@@ -136,8 +157,11 @@ class SharedBuckets:
     # -- the reduction --------------------------------------------------------------------------
     def reduce(self, index: int) -> None:
         """Average bucket `index` over every rank of `comm` (collective on it)."""
-        lo, hi = self._shares[index][self.local_rank]
         mine = self._buckets[self.local_rank][index]
+        if not self._shared_index[index]:
+            self._small_reducer(mine)  # latency-bound: one MPI call beats three barriers
+            return
+        lo, hi = self._shares[index][self.local_rank]
         self._barrier()  # every local rank's gradients are in place
         if self._acc.numel():
             self._sum_half(index, lo, hi)
@@ -186,8 +210,9 @@ class SharedBuckets:
     # -- life cycle -----------------------------------------------------------------------------
     def close(self) -> None:
         """Free the window (collective on the node): no view into it may be used afterwards."""
-        if self._cross_reducer is not None:
-            self._cross_reducer.close()
+        for reducer in (self._cross_reducer, self._small_reducer):
+            if reducer is not None:
+                reducer.close()
         self.tensors, self._buckets, self._peers = [], [], []
         if not MPI.Is_finalized():
             self.win.Free()
@@ -199,6 +224,12 @@ def _share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
     """`parts` near-equal (start, stop) shares of `length`, cut on multiples of `align`."""
     cuts = [min(length, (length * j // parts) // align * align) for j in range(parts)] + [length]
     return [(cuts[j], cuts[j + 1]) for j in range(parts)]
+
+
+def _private(length: int, dtype: str) -> np.ndarray:
+    """A zeroed array; sliced from a longer one, so that even an empty one has a unit stride
+    (numpy gives `np.zeros(0)` a zero stride, which torch cannot view as bytes)."""
+    return np.zeros(length + 1, dtype=_NUMPY[dtype])[:length]
 
 
 def _torch_view(array: np.ndarray, dtype: str) -> torch.Tensor:

@@ -30,7 +30,13 @@ from mpi4py import MPI
 from torch import nn
 
 from mpiml.comm import World
-from mpiml.comm.shm import SharedBuckets, _share_bounds, shm_free_bytes, usable
+from mpiml.comm.shm import (
+    SMALL_BUCKET_BYTES,
+    SharedBuckets,
+    _share_bounds,
+    shm_free_bytes,
+    usable,
+)
 from mpiml.comm.sync import GradSync
 from mpiml.errors import CommError
 
@@ -90,7 +96,12 @@ def require_sharing(comm: MPI.Comm, node: MPI.Comm) -> None:
 @contextmanager
 def shared_buckets(comm: MPI.Comm, node: MPI.Comm, dtype: str,
                    **kwargs: object) -> Iterator[SharedBuckets]:
-    """SharedBuckets of LENGTHS, closed (the window freed) on the way out."""
+    """SharedBuckets of LENGTHS, closed (the window freed) on the way out.
+
+    `small_bytes=0` unless given: every bucket, however short, takes the shared path, which is
+    what these tests are about (by default buckets under 128 KiB go through MPI instead).
+    """
+    kwargs.setdefault("small_bytes", 0)
     buckets = SharedBuckets(comm, node, list(LENGTHS), dtype, **kwargs)
     try:
         yield buckets
@@ -194,12 +205,14 @@ def test_unknown_dtype_is_an_error(comm):
 
 
 # -- the reduction -----------------------------------------------------------------------------
+@pytest.mark.parametrize("small_bytes", [0, SMALL_BUCKET_BYTES])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("grouping", GROUPINGS_WITH_SHARING)
-def test_reduce_averages_every_bucket_over_every_rank(comm, node, dtype):
+def test_reduce_averages_every_bucket_over_every_rank(comm, node, dtype, small_bytes):
+    """With the default threshold the short buckets are private and go through MPI."""
     require_sharing(comm, node)
     rank = comm.Get_rank()
-    with shared_buckets(comm, node, dtype) as buckets:
+    with shared_buckets(comm, node, dtype, small_bytes=small_bytes) as buckets:
         assert [t.numel() for t in buckets.tensors] == list(LENGTHS)
         assert all(t.dtype == TORCH[dtype] for t in buckets.tensors)
         data = fill(buckets, rank, seed=1)
