@@ -31,6 +31,19 @@ def local_grads(model: nn.Module, rank: int, micro: int = 0) -> None:
     model(x).pow(2).mean().backward()
 
 
+def step_and_check_average(world: World, model: Net, sync: GradSync, micro: int) -> None:
+    """One backward and finish(); every gradient must be the float64 mean of every rank's."""
+    local_grads(model, world.rank, micro=micro)
+    mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
+    sync.finish()
+    everyone = world.allgather_object(mine)
+    for n, p in model.named_parameters():
+        expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
+        np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=n)
+    assert not model.unused.weight.grad.any()
+    sync.zero_grad()
+
+
 @pytest.fixture
 def world():
     w = World()
@@ -50,16 +63,7 @@ def test_gradients_are_the_average_of_every_rank(world, overlap, bucket_mb, algo
         for p in params.values():  # every rank now starts from rank 0's weights
             assert all(np.array_equal(o, p.numpy()) for o in world.allgather_object(p.numpy()))
         for step in range(2):
-            local_grads(model, world.rank, micro=step)
-            mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
-            sync.finish()
-            everyone = world.allgather_object(mine)
-            for n, p in model.named_parameters():
-                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
-                np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
-                                           err_msg=n)
-            assert not model.unused.weight.grad.any()
-            sync.zero_grad()
+            step_and_check_average(world, model, sync, step)
 
 
 def test_accumulation_syncs_once(world):
@@ -146,14 +150,7 @@ def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
         steps = tuner.warmup + 2 * tuner.trials
         for step in range(steps + 2):
             modes.append(sync.overlap)
-            local_grads(model, world.rank, micro=step)
-            mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
-            sync.finish()
-            everyone = world.allgather_object(mine)
-            for n, p in model.named_parameters():
-                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
-                np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
-            sync.zero_grad()
+            step_and_check_average(world, model, sync, step)
             assert (sync.decision is None) == (step + 1 < steps), (step, sync.decision)
         # warm-up with overlap, then strictly alternating, then the choice held
         assert modes[: tuner.warmup] == [True] * tuner.warmup
