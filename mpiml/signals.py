@@ -39,6 +39,14 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def ignore_from_now(self) -> None:
+        """Once the run has ended (finished or checkpointed), a stop signal has nothing left to
+        save: ignore it, so one that arrives while the process tears down (torch and MPI take
+        a moment, and Python restores the default, fatal action first) cannot turn a finished
+        job into one killed by SIGUSR1."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

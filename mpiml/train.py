@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = StopRequest().install()
     from mpiml.comm.world import run_or_abort
 
-    return run_or_abort(lambda: train(args, stop))
+    code = run_or_abort(lambda: train(args, stop))
+    stop.ignore_from_now()
+    return code
 
 
 if __name__ == "__main__":

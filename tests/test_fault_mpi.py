@@ -298,3 +298,21 @@ def test_plain_srun_launch_is_refused_before_any_work(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "srun --mpi=pmi2" in done.stderr and "world of 1 rank" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_stop_signal_after_the_run_ended_is_ignored(tmp_path):
+    """A SIGUSR1 that reaches a rank after its run finished (Slurm's warning arriving as the job
+    ends) must not kill it: Python restores the fatal default action while it tears down, and
+    a finished job then showed as killed by signal 10 (exit 138). After `main()` the stop
+    signals are ignored, so the rank lives on and exits 0."""
+    code = ("import os, signal, sys; from mpiml.train import main; rc = main(sys.argv[1:]); "
+            "ignored = signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN "
+            "and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN; "
+            "os.kill(os.getpid(), signal.SIGUSR1); "
+            "print(f'alive after SIGUSR1: exit {rc}, ignored {ignored}', flush=True); "
+            "sys.exit(rc)")
+    argv = [python(), "-c", code, "configs/digits_mlp.yaml", *FAULT, "--set", NO_FAULT,
+            "--set", f"run.dir={tmp_path / 'run'}"]
+    job = run_mpi(2, argv, timeout=120)
+    assert job.returncode == 0, job.output
+    assert job.stdout.count("alive after SIGUSR1: exit 0, ignored True") == 2, job.output

@@ -13,7 +13,9 @@
 #
 # Environment: MPIML_PYTHON (interpreter for the ranks) [python3], MPIML_PYTHONPATH (put first
 # on the ranks' PYTHONPATH) [this repository], MPIML_TEST_MIN_STEPS (metrics lines to see
-# before preempting) [3], MPIML_TEST_TIMEOUT (seconds for each wait) [180].
+# before preempting) [3], MPIML_TEST_TIMEOUT (seconds for each wait) [180], MPIML_TEST_EPOCHS
+# (train.epochs for the job: enough that the preemption lands mid-run; at 20 the digits MLP once
+# finished all its steps between two polls, and the signal found nothing left to stop) [80].
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,6 +28,7 @@ WORK=$(mktemp -d /tmp/mpiml-requeue.XXXXXX)
 RUN_DIR=$(realpath -m "${2:-$WORK/run}")
 MIN_STEPS=${MPIML_TEST_MIN_STEPS:-3}
 TIMEOUT=${MPIML_TEST_TIMEOUT:-180}
+EPOCHS=${MPIML_TEST_EPOCHS:-80}
 export MPIML_PYTHON=${MPIML_PYTHON:-python3}
 export PYTHONPATH=${MPIML_PYTHONPATH:-$REPO}${PYTHONPATH:+:$PYTHONPATH}
 export CONFIG
@@ -105,7 +108,8 @@ if [[ -d $RUN_DIR && -n $(ls -A "$RUN_DIR") ]]; then
 fi
 say "config $CONFIG, run dir $RUN_DIR, work dir $WORK, python $MPIML_PYTHON"
 JOB=$(sbatch --parsable --ntasks=2 --cpus-per-task=1 --chdir="$WORK" \
-      --output="$WORK/mpiml-%j.out" "$HERE/train.sbatch" --set "run.dir=$RUN_DIR")
+      --output="$WORK/mpiml-%j.out" "$HERE/train.sbatch" --set "run.dir=$RUN_DIR" \
+      --set "train.epochs=$EPOCHS")
 OUT=$WORK/mpiml-$JOB.out
 say "submitted job $JOB; output $OUT"
 
