@@ -29,7 +29,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpiml.comm import World
+from mpiml.comm import World, shm
 from mpiml.comm.shm import (
     SMALL_BUCKET_BYTES,
     SharedBuckets,
@@ -387,4 +387,31 @@ def test_grad_sync_on_emulated_nodes_and_close_keeps_the_grads(overlap, bucket_m
         assert_everywhere(world.comm, not problems, "; ".join(problems))
     finally:
         node.Free()
+        world.close()
+
+
+def test_too_little_shared_memory_on_one_rank_falls_back_to_the_ring_everywhere(
+        monkeypatch, capfd):
+    """A small /dev/shm (docker's default is 64 MiB) would crash a rank with SIGBUS when it
+    first touched the window. If any rank sees too little room, every rank keeps private
+    buckets (the collective pattern must agree), rank 0 says why, and gradients still average."""
+    world = World()
+    try:
+        if world.size == 1 or not usable(world.comm, world.node_comm):
+            pytest.skip("needs ranks that share a node")
+        if world.rank == world.size - 1:
+            monkeypatch.setattr(shm, "shm_free_bytes", lambda path=shm.SHM_DIR: 0)
+        torch.manual_seed(world.rank)
+        model = Net()
+        with GradSync(world, model, overlap=False, algorithm="auto") as sync:
+            assert_everywhere(world.comm, not sync._shared, "shared buckets despite no room")
+            backward(model, world.rank, 0)
+            mine = {n: p.grad.double().numpy().copy() for n, p in model.named_parameters()}
+            sync.finish()
+            for n, p in model.named_parameters():
+                check_average(world.comm, p.grad.detach().clone(), mine[n], RTOL["float32"], n)
+        warned = "too little free space" in capfd.readouterr().err
+        assert_everywhere(world.comm, warned == world.is_root,
+                          f"rank {world.rank}: warning printed = {warned}")
+    finally:
         world.close()
