@@ -167,10 +167,9 @@ def main() -> int:
     for text in filter(None, args.ring_segments.split(",")):
         reducers[f"ring@{text}"] = Allreducer(comm, max_elements, "float32", algorithm="ring",
                                               segment_bytes=parse_bytes(text))
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
     shared = None
-    if shm.usable(comm, node):  # one shared bucket per size, as gradients would have
-        shared = SharedBuckets(comm, node, [s // 4 for s in sizes], "float32")
+    if shm.usable(comm, world.node_comm):  # one shared bucket per size, as gradients have
+        shared = SharedBuckets(comm, world.node_comm, [s // 4 for s in sizes], "float32")
     big = np.zeros(max_elements, dtype=np.float32)
     big_out = np.zeros_like(big)
 
@@ -238,7 +237,6 @@ def main() -> int:
                 f.write(text + "\n")
     if shared is not None:
         shared.close()
-    node.Free()
     world.close()
     return 0
 

@@ -87,12 +87,12 @@ _HALF = ("float16", "bfloat16")
 _BOUNDS_CACHE = 32  # buffer lengths whose segment layout we remember
 
 
-def _storage_dtype(kind: str) -> np.dtype:
+def storage_dtype(kind: str) -> np.dtype:
     """numpy dtype that holds `kind`'s bits (bfloat16 travels as int16)."""
     return np.dtype(np.int16) if kind == "bfloat16" else np.dtype(_NUMPY[kind])
 
 
-def _as_torch(array: np.ndarray, kind: str) -> torch.Tensor:
+def as_torch(array: np.ndarray, kind: str) -> torch.Tensor:
     """A torch view (shared memory) of `array`, read as `kind`."""
     tensor = torch.from_numpy(array)
     return tensor.view(_TORCH[kind]) if kind == "bfloat16" else tensor
@@ -195,15 +195,15 @@ class Allreducer:
                 f"Allreducer built differently on rank(s) {differ} than on rank 0 "
                 f"({everyone[0]} there, {config} here); every rank must pass the same arguments"
             )
-        self._storage = _storage_dtype(dtype)
+        self._storage = storage_dtype(dtype)
         wire_kind = config.wire_dtype
-        wire_np = _storage_dtype(wire_kind)
+        wire_np = storage_dtype(wire_kind)
         self._segment = max(1, config.segment_bytes // wire_np.itemsize)
         # A work buffer in the wire type when the buffer itself cannot travel as it is.
         self._work = (
             np.empty(config.max_elements, dtype=wire_np) if wire_kind != dtype else None
         )
-        self._work_t = _as_torch(self._work, wire_kind) if self._work is not None else None
+        self._work_t = as_torch(self._work, wire_kind) if self._work is not None else None
         if config.algorithm == "doubling" and not is_power_of_two(self.size):
             raise CommError(
                 f"Allreducer algorithm='doubling' needs a power-of-two number of ranks, not "
@@ -259,9 +259,9 @@ class Allreducer:
         # Widen or narrow into the wire type, reduce there, bring the result back.
         kind = self.config.dtype
         work_t = self._work_t[:n]
-        work_t.copy_(_as_torch(buf, kind))
+        work_t.copy_(as_torch(buf, kind))
         self._reduce(self._work[:n])
-        _as_torch(buf, kind).copy_(work_t)
+        as_torch(buf, kind).copy_(work_t)
 
     @property
     def polling(self) -> bool:
@@ -335,13 +335,13 @@ class Allreducer:
                          incoming_first: bool = False) -> None:
             n = target.size
             mine, theirs = acc[:n], acc[n:2 * n]
-            mine.copy_(_as_torch(target, kind))
-            theirs.copy_(_as_torch(incoming, kind))
+            mine.copy_(as_torch(target, kind))
+            theirs.copy_(as_torch(incoming, kind))
             first, second = (theirs, mine) if incoming_first else (mine, theirs)
             first.add_(second)
             if last and average:
                 first.div_(size)
-            _as_torch(target, kind).copy_(first)
+            as_torch(target, kind).copy_(first)
 
         return combine_half
 

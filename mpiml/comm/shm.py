@@ -39,14 +39,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpiml.comm.allreduce import Allreducer
+from mpiml.comm.allreduce import DTYPES, Allreducer, as_torch, storage_dtype
 from mpiml.comm.ring import blocking_wait, polling_wait
 from mpiml.errors import CommError
 
-_NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
-          "bfloat16": np.int16}  # bfloat16 is stored as its int16 bits
-_TORCH = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
 _ALIGN_BYTES = 64  # shares and buckets start on their own cache line
 _SEGMENT_BYTES = 256 << 10  # the owner adds and averages a share this much at a time (L2)
 # Below this a bucket goes through an `Allreducer` (MPI's latency path) on the whole
@@ -91,15 +87,15 @@ class SharedBuckets:
     def __init__(self, comm: MPI.Comm, node_comm: MPI.Comm, lengths: list[int], dtype: str,
                  *, wire: str | None = None, algorithm: str = "auto",
                  polling: bool = False, small_bytes: int = SMALL_BUCKET_BYTES) -> None:
-        if dtype not in _NUMPY:
-            raise CommError(f"SharedBuckets dtype={dtype!r}: choose one of {tuple(_NUMPY)}")
+        if dtype not in DTYPES:
+            raise CommError(f"SharedBuckets dtype={dtype!r}: choose one of {DTYPES}")
         self.dtype = dtype
         self.size = comm.Get_size()
         self.node = node_comm.Dup()  # ours alone, like the ring's communicator
         self.local_size = self.node.Get_size()
         self.local_rank = self.node.Get_rank()
-        self.polling = polling
-        itemsize = np.dtype(_NUMPY[dtype]).itemsize
+        self._wait = polling_wait if polling else blocking_wait
+        itemsize = storage_dtype(dtype).itemsize
         align = _ALIGN_BYTES // itemsize
         # Small buckets stay private: MPI is slower on window memory (16 us against 11 us
         # for a 4 KiB Allreduce here), and they never take the shared path anyway.
@@ -118,7 +114,7 @@ class SharedBuckets:
              for s, n, shared in zip(starts, lengths, self._shared_index, strict=True)]
             for q, peer in enumerate(self._peers)]
         self._shares = [_share_bounds(n, self.local_size, align) for n in lengths]
-        self.tensors = [_torch_view(b, dtype) for b in self._buckets[self.local_rank]]
+        self.tensors = [as_torch(b, dtype) for b in self._buckets[self.local_rank]]
         for t in self.tensors:
             t.zero_()
         longest_share = max((hi - lo for bounds, shared in zip(self._shares, self._shared_index,
@@ -146,13 +142,13 @@ class SharedBuckets:
     @polling.setter
     def polling(self, value: bool) -> None:
         self._wait = polling_wait if value else blocking_wait
-        for reducer in ("_cross_reducer", "_small_reducer"):
-            if getattr(self, reducer, None) is not None:
-                getattr(self, reducer).polling = value
+        for reducer in (self._cross_reducer, self._small_reducer):
+            if reducer is not None:
+                reducer.polling = value
 
     def _window_array(self, rank: int, count: int) -> np.ndarray:
         memory, _ = self.win.Shared_query(rank)
-        return np.frombuffer(memory, dtype=_NUMPY[self.dtype], count=count)
+        return np.frombuffer(memory, dtype=storage_dtype(self.dtype), count=count)
 
     # -- the reduction --------------------------------------------------------------------------
     def reduce(self, index: int) -> None:
@@ -194,7 +190,7 @@ class SharedBuckets:
     def _sum_half(self, index: int, lo: int, hi: int) -> None:
         """16-bit: the share summed in float32, reduced across nodes, rounded once."""
         acc = self._acc[: hi - lo]
-        views = [_torch_view(self._buckets[q][index][lo:hi], self.dtype)
+        views = [as_torch(self._buckets[q][index][lo:hi], self.dtype)
                  for q in range(self.local_size)]
         acc.copy_(views[0])
         for view in views[1:]:
@@ -229,9 +225,4 @@ def _share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
 def _private(length: int, dtype: str) -> np.ndarray:
     """A zeroed array; sliced from a longer one, so that even an empty one has a unit stride
     (numpy gives `np.zeros(0)` a zero stride, which torch cannot view as bytes)."""
-    return np.zeros(length + 1, dtype=_NUMPY[dtype])[:length]
-
-
-def _torch_view(array: np.ndarray, dtype: str) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+    return np.zeros(length + 1, dtype=storage_dtype(dtype))[:length]
