@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from mpiml.config import OptimConfig, scaled_lr
 
-__all__ = ["build_optimizer", "build_scheduler", "scaled_lr"]
+if TYPE_CHECKING:
+    from mpiml.comm.sync import GradSync
+
+__all__ = ["build_optimizer", "build_scheduler", "clip_shards", "scaled_lr", "shard_optimizer"]
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter],
@@ -79,3 +85,115 @@ class PartStepper:
         finally:
             for group, params in zip(groups, full, strict=True):
                 group["params"] = params
+
+
+def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.optim.Optimizer:
+    """The same optimizer (class and settings) over this rank's shares of `sync`'s buckets.
+
+    Why: under `GradSync(shard=True)` the node holds one copy of the parameters in shared
+    memory and each of its L ranks updates only the 1/L of every bucket whose average it
+    computed (`sync.share(i)`), so a step costs each rank 1/L of the optimizer's work and
+    state. Only for optimizers whose update of an element depends on that element alone
+    (SGD, Adam, AdamW: all `build_optimizer` makes), with one param group.
+
+    The result is a genuine torch optimizer (schedulers and `PartStepper` work on it, with
+    bucket i's share as its i-th parameter), and its state dicts use the unsharded layout, so
+    checkpoints load at any rank count, sharded or not: `state_dict()` is collective on the
+    node and returns the whole state on the node's first rank (on the others, their shares);
+    `load_state_dict` takes a whole, unsharded state dict on every rank.
+    """
+    if not sync.sharded:
+        raise ValueError("shard_optimizer needs GradSync(shard=True) with shared buckets "
+                         "(GradSync.sharded is False: one rank per node or algorithm != auto)")
+    if len(optimizer.param_groups) != 1:
+        raise ValueError("a sharded optimizer needs exactly one param group; "
+                         "set comm.shard_optimizer: false")
+    settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    full = list(optimizer.param_groups[0]["params"])
+    index = {id(p): i for i, p in enumerate(full)}
+    shares = []
+    for i in range(len(sync.buckets)):
+        param, grad = sync.share(i)
+        param.grad = grad
+        shares.append(param)
+    # Some group keys are not constructor arguments (AdamW's decoupled_weight_decay): build
+    # with those that are, then take the group over whole.
+    accepted = inspect.signature(type(optimizer)).parameters
+    inner = type(optimizer)(shares, **{k: v for k, v in settings.items() if k in accepted})
+    inner.param_groups[0].update(settings)
+    # Where each bucket's elements go in the unsharded layout: (param index, shape) in order.
+    layout = [[(index[id(p)], p.shape) for p in bucket.params] for bucket in sync.buckets]
+    owned = [sync.owned(i) for i in range(len(sync.buckets))]
+
+    def to_whole(_: torch.optim.Optimizer, sd: dict) -> dict | None:
+        pieces = sync.node_gather(sd["state"])
+        if pieces is None:
+            return None
+        state: dict[int, dict] = {}
+        for i, params in enumerate(layout):
+            per_rank = [p[i] for p in pieces if i in p]
+            if not per_rank:
+                continue
+            whole: dict[str, object] = {}
+            for key, value in per_rank[0].items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1:
+                    whole[key] = torch.cat([p[key] for p in per_rank])
+                else:  # per bucket (Adam's `step`): the same on every share
+                    whole[key] = value
+            offset = 0
+            for param_index, shape in params:
+                n = math.prod(shape)
+                # Every tensor its own (a `step` shared by several parameters would count
+                # once per parameter in an unsharded optimizer that loads this).
+                state[param_index] = {
+                    key: (v[offset : offset + n].view(shape).clone()
+                          if isinstance(v, torch.Tensor) and v.dim() == 1 else _own(v))
+                    for key, v in whole.items()}
+                offset += n
+        group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(full)))}]}
+
+    def from_whole(_: torch.optim.Optimizer, sd: dict) -> dict:
+        groups = sd["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(full):
+            raise ValueError(f"the optimizer state has {sum(len(g['params']) for g in groups)} "
+                             f"parameters in {len(groups)} group(s); this model has "
+                             f"{len(full)} in one")
+        ids = groups[0]["params"]
+        saved = sd["state"]
+        state: dict[int, dict] = {}
+        for i, params in enumerate(layout):
+            entries = [saved.get(ids[param_index]) for param_index, _ in params]
+            if all(e is None for e in entries):
+                continue
+            if any(e is None for e in entries):
+                raise ValueError(f"the optimizer state covers only part of gradient bucket {i}")
+            lo, hi = owned[i]
+            state[i] = {
+                key: (torch.cat([e[key].reshape(-1) for e in entries])[lo:hi].clone()
+                      if isinstance(value, torch.Tensor) and value.dim() > 0 else _own(value))
+                for key, value in entries[0].items()}
+        group = {k: v for k, v in groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(shares)))}]}
+
+    inner.register_state_dict_post_hook(to_whole)
+    inner.register_load_state_dict_pre_hook(from_whole)
+    return inner
+
+
+def _own(value: object) -> object:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def clip_shards(optimizer: torch.optim.Optimizer, sync: GradSync, max_norm: float) -> float:
+    """`clip_grad_norm_` for a sharded optimizer: the norm of the whole averaged gradient,
+    from every local rank's shares (collective on the node); returns it."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    squares = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
+                  for g in grads if g.numel())
+    norm = math.sqrt(float(sync.node_sum(np.array([squares]))[0]))
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        torch._foreach_mul_(grads, scale)
+    return norm

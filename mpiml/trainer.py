@@ -29,7 +29,7 @@ from mpiml.errors import CheckpointError, NonFiniteLossError, unwinding_alone
 from mpiml.evaluation import eval_batch_size, evaluate_model
 from mpiml.losses import cross_entropy
 from mpiml.models import build_model
-from mpiml.optim import PartStepper, build_optimizer, build_scheduler
+from mpiml.optim import PartStepper, build_optimizer, build_scheduler, clip_shards, shard_optimizer
 from mpiml.resume import ResumePoint, load_resume_state, reseed, rng_state, set_rng_state
 from mpiml.runlog import RunLog
 from mpiml.signals import StopRequest
@@ -98,12 +98,18 @@ class Trainer:
             cfg.model.name, cfg.model.kwargs, self.dataset.input_shape, self.dataset.num_classes,
             self.dataset.kind))
         self.sync = GradSync(world, self.model, cfg.comm.bucket_mb, cfg.comm.overlap,
-                             cfg.comm.algorithm, cfg.comm.compression)
+                             cfg.comm.algorithm, cfg.comm.compression,
+                             shard=cfg.comm.shard_optimizer)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
+        if self.sync.sharded:  # this rank steps its share of each bucket (parameter i: bucket i)
+            self.optimizer = shard_optimizer(self.optimizer, self.sync)
+            parts = [[p] for p in self.optimizer.param_groups[0]["params"]]
+        else:
+            parts = [b.params for b in self.sync.buckets]
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         # Without clipping (which needs every gradient first) each bucket is stepped as soon
         # as its average arrives, while later buckets are still on the wire.
-        self.parts = (PartStepper(self.optimizer, [b.params for b in self.sync.buckets])
+        self.parts = (PartStepper(self.optimizer, parts)
                       if cfg.optim.clip_grad_norm is None else None)
         self.step = 0
         self.epoch = 0
@@ -261,7 +267,9 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses, for the log
         if not skip and not stepped:
             clip = self.cfg.optim.clip_grad_norm
-            if clip is not None:  # gradients are averaged, so every rank clips identically
+            if clip is not None and self.sync.sharded:  # the norm of the node's shares
+                clip_shards(self.optimizer, self.sync, clip)
+            elif clip is not None:  # gradients are averaged, so every rank clips identically
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
             self.optimizer.step()
         with warnings.catch_warnings():  # a skipped first step makes torch warn of the order

@@ -7,10 +7,14 @@ rounds that interleave the contenders (so machine noise hits all of them alike):
 
 - ``mpiml``: the loop of mpiml's trainer with its defaults: GradSync (fused buckets in
   node-shared memory, ``overlap="auto"``: its first steps time overlap on and off and keep the
-  faster) and the optimizer stepped bucket by bucket as averages arrive (`optim.PartStepper`);
+  faster), parameters once per node in shared memory with each rank stepping its share
+  (``shard=True``, `optim.shard_optimizer`), bucket by bucket as averages arrive
+  (`optim.PartStepper`);
 - ``mpiml_overlap``: the same with overlap forced on;
 - ``mpiml_sync``: overlap off and one optimizer step after the whole sync, whose wait is the
   whole communication time;
+- ``mpiml_unsharded``: like ``mpiml`` but every rank steps every parameter
+  (``comm.shard_optimizer: false``);
 - ``ddp``: torch DistributedDataParallel on gloo;
 - ``local``: the same loop with no gradient sync at all (every rank at once);
 - ``single``: rank 0 alone while the others wait (plain one-process PyTorch on one core).
@@ -36,7 +40,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
-from mpiml.optim import PartStepper
+from mpiml.optim import PartStepper, shard_optimizer
 
 
 def build(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
@@ -93,21 +97,29 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     batches = [(torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,),
                                                                         generator=gen))
                for _ in range(4)]
-    mine = ("mpiml", "mpiml_overlap", "mpiml_sync")
+    mine = ("mpiml", "mpiml_overlap", "mpiml_sync", "mpiml_unsharded")
     models = {key: factory() for key in (*mine, "ddp", "local")}
     n_params = sum(p.numel() for p in models["local"].parameters())
-    overlap = {"mpiml": "auto", "mpiml_overlap": True, "mpiml_sync": False}
-    syncs = {key: GradSync(world, models[key], bucket_mb, overlap=overlap[key]) for key in mine}
+    overlap = {"mpiml": "auto", "mpiml_overlap": True, "mpiml_sync": False,
+               "mpiml_unsharded": "auto"}
+    syncs = {key: GradSync(world, models[key], bucket_mb, overlap=overlap[key],
+                           shard=key != "mpiml_unsharded") for key in mine}
     ddp = nn.parallel.DistributedDataParallel(models["ddp"])
     opts = {key: sgd(model) for key, model in models.items()}
+    for key in mine:  # as the trainer does: sharded wherever the layout allows it
+        if syncs[key].sharded:
+            opts[key] = shard_optimizer(opts[key], syncs[key])
     # mpiml as its trainer runs it: each bucket stepped as soon as its average arrives;
     # mpiml_sync: the plain synchronous path, all of the sync and then one optimizer step.
-    parts = {key: PartStepper(opts[key], [b.params for b in syncs[key].buckets])
-             for key in ("mpiml", "mpiml_overlap")}
+    parts = {key: PartStepper(opts[key], [[p] for p in opts[key].param_groups[0]["params"]]
+                              if syncs[key].sharded else [b.params for b in syncs[key].buckets])
+             for key in ("mpiml", "mpiml_overlap", "mpiml_unsharded")}
     step_fn = {
         "mpiml": lambda: syncs["mpiml"].finish(parts["mpiml"].step),
         "mpiml_overlap": lambda: syncs["mpiml_overlap"].finish(parts["mpiml_overlap"].step),
         "mpiml_sync": lambda: (syncs["mpiml_sync"].finish(), opts["mpiml_sync"].step()),
+        "mpiml_unsharded": lambda: syncs["mpiml_unsharded"].finish(
+            parts["mpiml_unsharded"].step),
         "ddp": opts["ddp"].step,
         "local": opts["local"].step,
     }
@@ -140,6 +152,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
                                                step_fn["local"], local_zero))
         world.barrier()
     chosen = syncs["mpiml"].decision
+    syncs_sharded = syncs["mpiml"].sharded
     for sync in syncs.values():
         sync.close()
     med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -156,6 +169,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
         "scaling_efficiency": {k: round(per_rank[k] / per_rank["single"], 3)
                                for k in (*mine, "ddp", "local")},
         "mpiml_vs_no_sync": round(med["local"] / med["mpiml"], 3),
+        "sharded": syncs_sharded,
         "comm_ms_per_step": round(exp["mpiml_sync"] * 1e3, 2),
         "exposed_comm_ms_per_step": {
             "mpiml": round(exp["mpiml"] * 1e3, 2),

@@ -22,6 +22,12 @@ One bucket, L local ranks, K elements cut into L shares s0..s{L-1}::
 Same bits everywhere: each share's final value is computed by one rank per node (its owner;
 across nodes the ring's result is bitwise identical on its ranks) and only copied by the others.
 
+With `params=True` the node also keeps one copy of the parameters, laid out like the buckets
+(`param_tensors`), and `reduce(i, whole=False)` stops after the sum: each rank then updates the
+parameters of its own share (`owned`) from the average it just computed, so the copy and two
+of the three barriers go, and the optimizer's work per rank drops to 1/L. One `fence()` per step,
+after the update, keeps the order (see `GradSync(shard=True)`).
+
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats three barriers.
 
@@ -86,7 +92,8 @@ class SharedBuckets:
 
     def __init__(self, comm: MPI.Comm, node_comm: MPI.Comm, lengths: list[int], dtype: str,
                  *, wire: str | None = None, algorithm: str = "auto",
-                 polling: bool = False, small_bytes: int = SMALL_BUCKET_BYTES) -> None:
+                 polling: bool = False, small_bytes: int = SMALL_BUCKET_BYTES,
+                 params: bool = False) -> None:
         if dtype not in DTYPES:
             raise CommError(f"SharedBuckets dtype={dtype!r}: choose one of {DTYPES}")
         self.dtype = dtype
@@ -117,6 +124,22 @@ class SharedBuckets:
         self.tensors = [as_torch(b, dtype) for b in self._buckets[self.local_rank]]
         for t in self.tensors:
             t.zero_()
+        # One copy per node of the parameters, laid out like the buckets (all of them, small
+        # ones too), in the first local rank's segment: see `owned` for who updates what.
+        self.param_win: MPI.Win | None = None
+        self.param_tensors: list[torch.Tensor] = []
+        if params:
+            pstarts, ptotal = [], 0
+            for n in lengths:
+                pstarts.append(ptotal)
+                ptotal += -(-n // align) * align
+            first = self.local_rank == 0
+            self.param_win = MPI.Win.Allocate_shared(max(ptotal, 1) * itemsize if first else 0,
+                                                     itemsize, comm=self.node)
+            memory, _ = self.param_win.Shared_query(0)
+            flat = np.frombuffer(memory, dtype=storage_dtype(dtype), count=max(ptotal, 1))
+            self.param_tensors = [as_torch(flat[s : s + n], dtype)
+                                  for s, n in zip(pstarts, lengths, strict=True)]
         longest_share = max((hi - lo for bounds, shared in zip(self._shares, self._shared_index,
                                                                strict=True)
                              if shared for lo, hi in bounds), default=0)
@@ -151,8 +174,20 @@ class SharedBuckets:
         return np.frombuffer(memory, dtype=storage_dtype(self.dtype), count=count)
 
     # -- the reduction --------------------------------------------------------------------------
-    def reduce(self, index: int) -> None:
-        """Average bucket `index` over every rank of `comm` (collective on it)."""
+    def owned(self, index: int) -> tuple[int, int]:
+        """(start, stop) of bucket `index` that this rank sums, and, with shared parameters,
+        updates: the same bounds for the gradients and the parameters."""
+        return self._shares[index][self.local_rank]
+
+    def reduce(self, index: int, *, whole: bool = True) -> None:
+        """Average bucket `index` over every rank of `comm` (collective on it).
+
+        `whole=False` leaves the average only in this rank's `owned` share (private buckets
+        are still averaged whole): for parameters in shared memory, where each rank updates
+        its share and nobody needs the rest. It skips the copy and both barriers after the
+        sum, so the caller must `fence()` before anyone refills a bucket (zero_grad, the next
+        backward) or reads a parameter a peer updates.
+        """
         mine = self._buckets[self.local_rank][index]
         if not self._shared_index[index]:
             self._small_reducer(mine)  # latency-bound: one MPI call beats three barriers
@@ -163,6 +198,8 @@ class SharedBuckets:
             self._sum_half(index, lo, hi)
         else:
             self._sum(index, lo, hi)
+        if not whole:
+            return
         self._barrier()  # every share is final
         for q in range(self.local_size):
             if q != self.local_rank:
@@ -203,15 +240,31 @@ class SharedBuckets:
     def _barrier(self) -> None:
         self._wait(self.node.Ibarrier())
 
+    def fence(self) -> None:
+        """Node barrier: every share-only reduction and parameter update before it is done."""
+        self._barrier()
+
+    def node_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum of `values` (float64) over the node's ranks, on every one of them."""
+        out = np.empty_like(values, dtype=np.float64)
+        self.node.Allreduce(np.ascontiguousarray(values, dtype=np.float64), out, op=MPI.SUM)
+        return out
+
+    def node_gather(self, obj: object) -> list | None:
+        """Every local rank's `obj`, in local rank order, on the node's first rank (else None)."""
+        return self.node.gather(obj, root=0)
+
     # -- life cycle -----------------------------------------------------------------------------
     def close(self) -> None:
         """Free the window (collective on the node): no view into it may be used afterwards."""
         for reducer in (self._cross_reducer, self._small_reducer):
             if reducer is not None:
                 reducer.close()
-        self.tensors, self._buckets, self._peers = [], [], []
+        self.tensors, self._buckets, self._peers, self.param_tensors = [], [], [], []
         if not MPI.Is_finalized():
             self.win.Free()
+            if self.param_win is not None:
+                self.param_win.Free()
             self.cross.Free()
             self.node.Free()
 

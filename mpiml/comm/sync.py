@@ -152,7 +152,8 @@ class GradSync:
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
                  overlap: bool | str = "auto", algorithm: str = "auto",
-                 compression: str = "none", node_comm: MPI.Comm | None = None) -> None:
+                 compression: str = "none", node_comm: MPI.Comm | None = None,
+                 shard: bool = False) -> None:
         if overlap not in (True, False, "auto"):
             raise CommError(f"GradSync overlap={overlap!r}: choose True, False or 'auto'")
         self.world = world
@@ -173,8 +174,13 @@ class GradSync:
         # `auto` keeps buckets in node-shared memory where the layout allows (see shm.py);
         # `ring`, `doubling` and `mpi` reduce private buffers over the whole communicator.
         self._shared = self._build_shared(groups, algorithm, compression,
-                                          world.node_comm if node_comm is None else node_comm)
+                                          world.node_comm if node_comm is None else node_comm,
+                                          shard)
+        # Sharded: see `share`. Only where the buckets are shared (else there is no node copy).
+        self.sharded = bool(shard and self._shared)
         self.buckets = self._build_buckets(groups)
+        if self.sharded:
+            self._share_parameters()
         self._next = 0  # index of the next bucket to launch: launches go strictly in order
         self._reducers = {} if self._shared else self._build_reducers(algorithm, compression)
         self._executor = ThreadPoolExecutor(1, "mpiml-comm") if self.overlap else None
@@ -201,11 +207,12 @@ class GradSync:
         return groups + [g for g in by_dtype.values() if g]
 
     def _build_shared(self, groups: list[list[torch.nn.Parameter]], algorithm: str,
-                      compression: str, node_comm: MPI.Comm) -> dict[torch.dtype, SharedBuckets]:
+                      compression: str, node_comm: MPI.Comm,
+                      params: bool) -> dict[torch.dtype, SharedBuckets]:
         """Shared-memory buckets per dtype, or {} to reduce private ones (decided collectively)."""
         if algorithm != "auto" or self.size == 1 or not shm.usable(self.comm, node_comm):
             return {}
-        need = node_comm.Get_size() * sum(
+        need = (node_comm.Get_size() + params) * sum(
             sum(p.numel() for p in g) * g[0].element_size() + 64 for g in groups)
         free = shm.shm_free_bytes()
         enough = free is None or free >= need * 1.1
@@ -221,8 +228,59 @@ class GradSync:
         for dtype in sorted({g[0].dtype for g in groups}, key=str):
             lengths = [sum(p.numel() for p in g) for g in groups if g[0].dtype == dtype]
             shared[dtype] = SharedBuckets(self.comm, node_comm, lengths, _KIND[dtype],
-                                          wire=_WIRE[compression], polling=self.overlap)
+                                          wire=_WIRE[compression], polling=self.overlap,
+                                          params=params)
         return shared
+
+    def _share_parameters(self) -> None:
+        """Move every bucketed parameter into the node's single copy (already broadcast, so
+        the first local rank's values are everyone's)."""
+        first = next(iter(self._shared.values()))
+        first.fence()
+        with torch.no_grad():
+            for bucket in self.buckets:
+                flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
+                offset = 0
+                for p in bucket.params:
+                    view = flat[offset : offset + p.numel()].view_as(p)
+                    if first.local_rank == 0:
+                        view.copy_(p)
+                    offset += p.numel()
+        first.fence()  # the copy is complete before any rank points at it
+        for bucket in self.buckets:
+            flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
+            offset = 0
+            for p in bucket.params:
+                p.data = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+    # -- sharded update -------------------------------------------------------------------------
+    def share(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parameters, averaged gradients) of the share of bucket `index` this rank updates.
+
+        Why: with `shard=True` the parameters live once per node, in shared memory, and each
+        of the node's L ranks updates only its 1/L of every bucket, the part whose average it
+        computed itself. Nobody copies the other averages in, and the optimizer's work and
+        state per rank drop to 1/L. Both are flat views, valid after `finish()` (the rest of
+        the bucket is not averaged: `.grad` holds the average only on this share).
+        """
+        bucket = self.buckets[index]
+        lo, hi = self.owned(index)
+        flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
+        return flat[lo:hi], bucket.buffer[lo:hi]
+
+    def owned(self, index: int) -> tuple[int, int]:
+        """(start, stop) within bucket `index` of this rank's share (see `share`)."""
+        bucket = self.buckets[index]
+        return self._shared[bucket.buffer.dtype].owned(bucket.slot)
+
+    def node_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum over the node's ranks (sharded: a sum over shares is a sum over the model)."""
+        return next(iter(self._shared.values())).node_sum(values)
+
+    def node_gather(self, obj: object) -> list | None:
+        """Every local rank's `obj` on the node's first rank, None on the others."""
+        return next(iter(self._shared.values())).node_gather(obj)
 
     def _build_buckets(self, groups: list[list[torch.nn.Parameter]]) -> list[_Bucket]:
         buckets = []
@@ -256,7 +314,17 @@ class GradSync:
         return reducers
 
     def zero_grad(self) -> None:
-        """Zero every gradient and point each `.grad` at its slot in the bucket."""
+        """Zero every gradient and point each `.grad` at its slot in the bucket.
+
+        Sharded, this is also where the node's ranks wait for each other (collective on the
+        node): every share must be updated before anyone reads the parameters again, and
+        every peer done reading this rank's gradients before they are zeroed. So call it after
+        the optimizer step, once per step, on every rank (the trainer does).
+        """
+        if self.sharded:
+            start = time.perf_counter()
+            next(iter(self._shared.values())).fence()
+            self.stats.exposed_s += time.perf_counter() - start
         for bucket in self.buckets:
             bucket.buffer.zero_()
             for param, view in zip(bucket.params, bucket.views, strict=True):
@@ -311,7 +379,7 @@ class GradSync:
         start = time.perf_counter()
         shared = self._shared.get(bucket.buffer.dtype)
         if shared is not None:
-            shared.reduce(bucket.slot)
+            shared.reduce(bucket.slot, whole=not self.sharded)
         else:
             self._reducers[bucket.buffer.dtype](numpy_view(bucket.buffer))  # averages in place
         self.stats.comm_s += time.perf_counter() - start
@@ -390,8 +458,11 @@ class GradSync:
             return
         for reducer in self._reducers.values():
             reducer.close()
-        if self._shared:  # .grad must not outlive the window it points into
+        if self._shared:  # .grad (and sharded parameters) must not outlive their window
             for bucket in self.buckets:
+                if self.sharded:
+                    for param in bucket.params:
+                        param.data = param.data.clone()
                 for param, view in zip(bucket.params, bucket.views, strict=True):
                     if param.grad is not None and param.grad.data_ptr() == view.data_ptr():
                         param.grad = view.clone()

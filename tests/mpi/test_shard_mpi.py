@@ -1,0 +1,196 @@
+"""Sharded update (`GradSync(shard=True)` + `optim.shard_optimizer`): parameters once per node in
+shared memory, each local rank stepping its share, against the unsharded path as the oracle.
+
+The oracle is a second copy of the model trained side by side with the plain path (private
+parameters, whole averages in `.grad`, one full optimizer per rank). Both see the same
+per-rank data, so after every step the parameters must agree; the state dicts must be the
+unsharded layout and load back at any rank count.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpiml.comm import World
+from mpiml.comm.sync import GradSync
+from mpiml.optim import PartStepper, clip_shards, shard_optimizer
+
+pytestmark = pytest.mark.mpi
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(13, 301)
+        self.b = nn.Linear(301, 7)
+        self.frozen = nn.Linear(2, 2)  # not bucketed, stays private, never stepped
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                      foreach=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+}
+
+
+@pytest.fixture
+def world():
+    w = World()
+    yield w
+    w.close()
+
+
+def batch(rank: int, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(5 + rank, 13, generator=gen)
+
+
+def pair(world: World, kind: str, node_comm=None, **sync_kw):
+    """(model, sync, optimizer) sharded and the same unsharded, from the same weights."""
+    if world.size == 1:
+        pytest.skip("one rank: nothing to shard (GradSync.sharded is False)")
+    torch.manual_seed(7 + world.rank)  # different on purpose: GradSync broadcasts rank 0's
+    model = Net()
+    oracle = copy.deepcopy(model)
+    kw = dict(bucket_mb=0.001, algorithm="auto", node_comm=node_comm, **sync_kw)
+    sync = GradSync(world, model, shard=True, **kw)
+    plain = GradSync(world, oracle, shard=False, **kw)
+    opt = shard_optimizer(OPTIMIZERS[kind](model.parameters()), sync)
+    plain_opt = OPTIMIZERS[kind](oracle.parameters())
+    return (model, sync, opt), (oracle, plain, plain_opt)
+
+
+def train_step(model, sync, step_fn, rank, step):
+    model(batch(rank, step)).pow(2).mean().backward()
+    step_fn(sync)
+    sync.zero_grad()
+
+
+def same_parameters(a: nn.Module, b: nn.Module, exact: bool = True) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p.detach(), q.detach()), name
+        else:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def same_everywhere(world: World, model: nn.Module) -> None:
+    mine = [p.detach().clone().numpy() for p in model.parameters()]
+    for theirs in world.allgather_object(mine):
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("by_bucket", [True, False])
+def test_sharded_steps_match_the_unsharded_path(world, kind, overlap, by_bucket):
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, kind, overlap=overlap)
+    with sync, plain:
+        assert sync.sharded  # every rank of these tests shares one node
+        parts = PartStepper(opt, [[p] for p in opt.param_groups[0]["params"]])
+        for step in range(4):
+            if by_bucket:  # as the trainer does: each share stepped as its average arrives
+                train_step(model, sync, lambda s: s.finish(parts.step), world.rank, step)
+            else:
+                train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, step)
+            train_step(oracle, plain, lambda s: (s.finish(), plain_opt.step()), world.rank, step)
+            same_parameters(model, oracle)
+        same_everywhere(world, model)
+        # the frozen layer was neither moved nor stepped
+        assert not any(p.data_ptr() == q.data_ptr()
+                       for p in model.frozen.parameters() for q in oracle.parameters())
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_state_dict_is_the_unsharded_one_and_loads_back(world, kind):
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, kind, overlap=False)
+    with sync, plain:
+        for step in range(3):
+            train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, step)
+            train_step(oracle, plain, lambda s: (s.finish(), plain_opt.step()), world.rank, step)
+        whole = opt.state_dict()  # collective on the node
+        expected = plain_opt.state_dict()
+        if world.local_rank == 0 or not sync.sharded:
+            assert whole["param_groups"] == expected["param_groups"]
+            assert sorted(whole["state"]) == sorted(expected["state"])
+            for i, state in expected["state"].items():
+                assert sorted(whole["state"][i]) == sorted(state)
+                for key, value in state.items():
+                    assert torch.equal(torch.as_tensor(whole["state"][i][key]),
+                                       torch.as_tensor(value)), (i, key)
+        # Load the unsharded state into a fresh sharded optimizer (as a resume does, on every
+        # rank) and into a fresh plain one: the next steps must still agree.
+        fresh = shard_optimizer(OPTIMIZERS[kind](model.parameters()), sync)
+        fresh.load_state_dict(expected)
+        fresh_plain = OPTIMIZERS[kind](oracle.parameters())
+        fresh_plain.load_state_dict(expected)
+        for step in range(3, 5):
+            train_step(model, sync, lambda s: (s.finish(), fresh.step()), world.rank, step)
+            train_step(oracle, plain, lambda s: (s.finish(), fresh_plain.step()), world.rank,
+                       step)
+            same_parameters(model, oracle)
+
+
+def test_clipping_uses_the_norm_of_the_whole_average(world):
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, "sgd", overlap=False)
+    with sync, plain:
+        for step in range(3):
+            model(batch(world.rank, step)).pow(2).mean().mul(50).backward()
+            sync.finish()
+            norm = clip_shards(opt, sync, 0.5)
+            opt.step()
+            sync.zero_grad()
+            oracle(batch(world.rank, step)).pow(2).mean().mul(50).backward()
+            plain.finish()
+            expected = torch.nn.utils.clip_grad_norm_(oracle.parameters(), 0.5, foreach=True)
+            plain_opt.step()
+            plain.zero_grad()
+            assert norm > 0.5  # the clipping really happened
+            assert norm == pytest.approx(float(expected), rel=1e-5)
+            same_parameters(model, oracle, exact=False)
+        same_everywhere(world, model)
+
+
+def test_sharded_across_emulated_nodes(world):
+    """Two 'nodes' of size N/2 (rank % 2): shares are summed within a node and across them by
+    the ring; the parameters of both nodes must stay identical."""
+    if world.size < 4:
+        pytest.skip("needs two emulated nodes of two ranks")
+    node = world.comm.Split(world.rank % 2, world.rank)
+    try:
+        (model, sync, opt), (oracle, plain, plain_opt) = pair(world, "adam", node_comm=node,
+                                                              overlap=True)
+        with sync, plain:
+            assert sync.sharded
+            for step in range(3):
+                train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, step)
+                train_step(oracle, plain, lambda s: (s.finish(), plain_opt.step()), world.rank,
+                           step)
+                same_parameters(model, oracle)
+            same_everywhere(world, model)
+    finally:
+        node.Free()
+
+
+def test_parameters_outlive_close(world):
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, "sgd", overlap=False)
+    train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    sync.close()
+    plain.close()
+    after = [p.detach() for p in model.parameters()]  # would fault if still in the window
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    model(batch(world.rank, 1)).sum().backward()  # and the model still trains alone
+    assert MPI.Is_initialized()
