@@ -20,8 +20,9 @@ communication has something to run on while backward computes (a spare core, a n
 moves data by itself). With one core per rank and buckets summed by that core, the thread
 takes its time from backward: at N = 2 on the 2-core machine, overlap made the wide MLP's
 step 8% shorter in one run and 10% longer in another, and the small MLP's 4-20% longer. So
-the first steps alternate the two ways, timing whole steps (finish to finish), and every rank
-keeps overlap only if its median step, on the slowest rank, is at least 2% shorter.
+the first steps run the two ways in alternating blocks, timing whole steps (finish to finish),
+and every rank keeps overlap only if its median step, on the slowest rank, is at least 2%
+shorter.
 """
 
 from __future__ import annotations
@@ -115,10 +116,18 @@ class _Bucket:
 
 @dataclass
 class _OverlapTuner:
-    """Which of overlap on/off makes the shorter step: `trials` steps of each, alternating."""
+    """Which of overlap on/off makes the shorter step: blocks of `block` steps, alternating.
+
+    Why blocks, and why the first step of each is not timed: steps are timed finish to
+    finish, and the wait for the slower rank of one step lands in the next step's time (at
+    its first barrier), so a step right after a switch pays for the other mode. Alternating
+    every step charged each mode with the other's stragglers (at N = 2 it timed the MLP's
+    synchronous step at 16.0 ms where it runs 12.6).
+    """
 
     warmup: int = 3  # steps not timed (allocator, caches, first touches of shared memory)
-    trials: int = 6
+    block: int = 4  # steps per block; the first of each is not timed
+    blocks: int = 2  # per mode: (block - 1) * blocks timed steps of each
     # Overlap must be this much faster to be kept: it costs a thread beside backward, and on a
     # shared machine medians of a few steps differ by a few percent from noise alone.
     margin: float = 0.02
@@ -126,15 +135,21 @@ class _OverlapTuner:
     last: float | None = None
     times: dict[bool, list[float]] = field(default_factory=lambda: {True: [], False: []})
 
+    @property
+    def schedule(self) -> list[bool]:
+        """The mode of every tuning step: warm-up with overlap, then off, on, off, on..."""
+        return [True] * self.warmup + [
+            bool(i // self.block % 2) for i in range(2 * self.blocks * self.block)]
+
     def record(self, now: float, mode: bool) -> bool | None:
         """The mode for the next step, or None when both have had their trials."""
-        self.seen += 1
-        if self.seen > self.warmup and self.last is not None:
+        schedule = self.schedule
+        trial = self.seen - self.warmup  # index of the step that just ended among the trials
+        if trial >= 0 and trial % self.block and self.last is not None:
             self.times[mode].append(now - self.last)
         self.last = now
-        if min(len(t) for t in self.times.values()) >= self.trials:
-            return None
-        return mode if self.seen < self.warmup else not mode
+        self.seen += 1
+        return schedule[self.seen] if self.seen < len(schedule) else None
 
 
 @dataclass

@@ -147,16 +147,19 @@ def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
             assert tuner is None and sync.overlap is False  # nothing to overlap with
             return
         modes = []
-        steps = tuner.warmup + 2 * tuner.trials
+        steps = tuner.warmup + 2 * tuner.blocks * tuner.block
         for step in range(steps + 2):
             modes.append(sync.overlap)
             step_and_check_average(world, model, sync, step)
             assert (sync.decision is None) == (step + 1 < steps), (step, sync.decision)
-        # warm-up with overlap, then strictly alternating, then the choice held
+        # warm-up with overlap, then blocks alternating from off, then the choice held
         assert modes[: tuner.warmup] == [True] * tuner.warmup
         trial = modes[tuner.warmup : steps]
-        assert trial == [not trial[0] if i % 2 else trial[0] for i in range(len(trial))]
-        assert trial.count(True) == trial.count(False) == tuner.trials
+        assert trial == [bool(i // tuner.block % 2) for i in range(len(trial))]
+        # every step of a block but its first is timed
+        timed = (tuner.block - 1) * tuner.blocks
+        assert len(tuner.times[True]) == len(tuner.times[False]) == timed
+        assert f"{timed} steps each" in sync.decision
         assert modes[steps:] == [sync.overlap] * 2
         assert len(set(world.allgather_object((sync.overlap, sync.decision)))) == 1
         assert ("auto: on" if sync.overlap else "auto: off") in sync.decision
