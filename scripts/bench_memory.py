@@ -9,7 +9,10 @@ about two). Peak RSS counts a page of node-shared memory in every rank that read
 splits it between them.
 
 - ``plain``: one process, the same loop with no communication at all;
-- ``mpiml``: ``mpiexec -n NP``, GradSync with fused buckets and overlap;
+- ``mpiml``: ``mpiexec -n NP``, as the trainer runs it: GradSync with fused buckets in shared
+  memory and the parameters once per node, each rank stepping its share
+  (``optim.shard_optimizer``, so each holds 1/NP of the momentum);
+- ``mpiml_unsharded``: the same with ``comm.shard_optimizer: false``;
 - ``ddp``: ``mpiexec -n NP``, PyTorch DDP on gloo, for reference.
 """
 
@@ -29,6 +32,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_train import build, init_gloo  # noqa: E402
+
+from mpiml.optim import shard_optimizer  # noqa: E402
+
+KINDS = ("plain", "mpiml", "mpiml_unsharded", "ddp")
 
 
 def peak_rss_mb() -> float:
@@ -65,17 +72,19 @@ def worker(kind: str, model_name: str, steps: int, batch: int) -> None:
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     world = sync = None
     step_model: nn.Module = model
-    if kind in ("mpiml", "ddp"):
+    if kind != "plain":
         from mpiml.comm import World
         from mpiml.comm.sync import GradSync
 
         world = World()
-        if kind == "mpiml":
-            sync = GradSync(world, model)
+        if kind.startswith("mpiml"):
+            sync = GradSync(world, model, shard=kind == "mpiml")
         else:
             init_gloo(world)
             step_model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+    if sync is not None and sync.sharded:
+        opt = shard_optimizer(opt, sync)
     for _ in range(steps):
         nn.functional.cross_entropy(step_model(x), y).backward()
         if sync is not None:
@@ -118,23 +127,23 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--np", type=int, default=2)
-    parser.add_argument("--worker", choices=["plain", "mpiml", "ddp"])
+    parser.add_argument("--worker", choices=list(KINDS))
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.model, args.steps, args.batch)
         return 0
-    runs = {kind: launch(kind, args) for kind in ("plain", "mpiml", "ddp")}
+    runs = {kind: launch(kind, args) for kind in KINDS}
     plain = runs["plain"]["peak_rss_mb"][0]
     grad = runs["plain"]["grad_mb"]
     report = {"model": args.model, "ranks": args.np, "grad_mb": grad,
               "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in runs.items()},
               "growth_over_plain_in_gradient_sizes": {
                   k: round((max(runs[k]["peak_rss_mb"]) - plain) / grad, 2)
-                  for k in ("mpiml", "ddp")},
+                  for k in KINDS[1:]},
               "pss_mb": {k: v["pss_mb"] for k, v in runs.items()},
               "pss_growth_over_plain_in_gradient_sizes": {
                   k: round((max(runs[k]["pss_mb"]) - runs["plain"]["pss_mb"][0]) / grad, 2)
-                  for k in ("mpiml", "ddp")}}
+                  for k in KINDS[1:]}}
     print(json.dumps(report, indent=1))
     return 0
 
