@@ -291,11 +291,13 @@ class GradSync:
 
     def node_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum over the node's ranks (sharded: a sum over shares is a sum over the model)."""
-        return next(iter(self._shared.values())).node_sum(values)
+        with self.world.watch("sum over the node"):
+            return next(iter(self._shared.values())).node_sum(values)
 
     def node_gather(self, obj: object) -> list | None:
         """Every local rank's `obj` on the node's first rank, None on the others."""
-        return next(iter(self._shared.values())).node_gather(obj)
+        with self.world.watch("gather over the node"):
+            return next(iter(self._shared.values())).node_gather(obj)
 
     def _build_buckets(self, groups: list[list[torch.nn.Parameter]]) -> list[_Bucket]:
         buckets = []
@@ -338,7 +340,8 @@ class GradSync:
         """
         if self.sharded:
             start = time.perf_counter()
-            next(iter(self._shared.values())).fence()
+            with self.world.watch("parameter update"):  # a dead peer stalls us here too
+                next(iter(self._shared.values())).fence()
             self.stats.exposed_s += time.perf_counter() - start
         for bucket in self.buckets:
             bucket.buffer.zero_()
