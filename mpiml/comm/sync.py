@@ -163,7 +163,13 @@ class SyncStats:
 
 
 class GradSync:
-    """Averages gradients across the world; `finish()` after backward, before the step."""
+    """Averages gradients across the world; `finish()` after backward, before the step.
+
+    `shard=True` (what the trainer uses, where the buckets are in node-shared memory, see
+    `sharded`): the parameters move into one copy per node and `finish()` leaves each rank
+    the average of its own share of every bucket only, for `optim.shard_optimizer` to step;
+    `zero_grad()` is then the point where the node's ranks wait for each other's updates.
+    """
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
                  overlap: bool | str = "auto", algorithm: str = "auto",
