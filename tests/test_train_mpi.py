@@ -79,7 +79,9 @@ def test_overlap_off_and_mpi_algorithm_give_the_same_model(tmp_path):
 
 
 def test_metrics_are_global_and_run_dir_is_complete(tmp_path):
-    job = train(2, tmp_path / "run", "--set", "checkpoint.every_steps=10")
+    # batch 8: enough steps (37 per epoch) for the overlap tuner to finish in the first epoch
+    job = train(2, tmp_path / "run", "--set", "checkpoint.every_steps=10",
+                "--set", "data.batch_size=8")
     assert job.returncode == 0, job.output
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]

@@ -127,7 +127,9 @@ class _OverlapTuner:
 
     warmup: int = 3  # steps not timed (allocator, caches, first touches of shared memory)
     block: int = 4  # steps per block; the first of each is not timed
-    blocks: int = 2  # per mode: (block - 1) * blocks timed steps of each
+    # per mode: (block - 1) * blocks timed steps of each. Fewer misjudged the 13-16 ms MLP
+    # step by 10% in one of three benchmark runs; tuning costs 35 steps of a long run.
+    blocks: int = 4
     # Overlap must be this much faster to be kept: it costs a thread beside backward, and on a
     # shared machine medians of a few steps differ by a few percent from noise alone.
     margin: float = 0.02
