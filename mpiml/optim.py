@@ -188,12 +188,9 @@ def _own(value: object) -> object:
 def clip_shards(optimizer: torch.optim.Optimizer, sync: GradSync, max_norm: float) -> float:
     """`clip_grad_norm_` for a sharded optimizer: the norm of the whole averaged gradient,
     from every local rank's shares (collective on the node); returns it."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
-    squares = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
-                  for g in grads if g.numel())
-    norm = math.sqrt(float(sync.node_sum(np.array([squares]))[0]))
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1.0:
-        torch._foreach_mul_(grads, scale)
+    params = [p for group in optimizer.param_groups for p in group["params"]
+              if p.grad is not None]
+    mine = float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+    norm = math.sqrt(float(sync.node_sum(np.array([mine * mine]))[0]))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm), foreach=True)
     return norm
