@@ -16,7 +16,8 @@ from mpiml.config import OptimConfig, scaled_lr
 if TYPE_CHECKING:
     from mpiml.comm.sync import GradSync
 
-__all__ = ["build_optimizer", "build_scheduler", "clip_shards", "scaled_lr", "shard_optimizer"]
+__all__ = ["bucket_stepper", "build_optimizer", "build_scheduler", "clip_shards", "scaled_lr",
+           "shard_optimizer"]
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter],
@@ -85,6 +86,14 @@ class PartStepper:
         finally:
             for group, params in zip(groups, full, strict=True):
                 group["params"] = params
+
+
+def bucket_stepper(optimizer: torch.optim.Optimizer, sync: GradSync) -> PartStepper:
+    """A `PartStepper` whose part i is what bucket i's average updates: the bucket's parameters,
+    or, for a `shard_optimizer` over a sharded `sync`, its share (that optimizer's i-th)."""
+    if sync.sharded:
+        return PartStepper(optimizer, [[p] for p in optimizer.param_groups[0]["params"]])
+    return PartStepper(optimizer, [b.params for b in sync.buckets])
 
 
 def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.optim.Optimizer:

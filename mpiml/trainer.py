@@ -29,7 +29,13 @@ from mpiml.errors import CheckpointError, NonFiniteLossError, unwinding_alone
 from mpiml.evaluation import eval_batch_size, evaluate_model
 from mpiml.losses import cross_entropy
 from mpiml.models import build_model
-from mpiml.optim import PartStepper, build_optimizer, build_scheduler, clip_shards, shard_optimizer
+from mpiml.optim import (
+    bucket_stepper,
+    build_optimizer,
+    build_scheduler,
+    clip_shards,
+    shard_optimizer,
+)
 from mpiml.resume import ResumePoint, load_resume_state, reseed, rng_state, set_rng_state
 from mpiml.runlog import RunLog
 from mpiml.signals import StopRequest
@@ -101,15 +107,12 @@ class Trainer:
                              cfg.comm.algorithm, cfg.comm.compression,
                              shard=cfg.comm.shard_optimizer)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), world.size)
-        if self.sync.sharded:  # this rank steps its share of each bucket (parameter i: bucket i)
+        if self.sync.sharded:  # this rank steps its share of each bucket
             self.optimizer = shard_optimizer(self.optimizer, self.sync)
-            parts = [[p] for p in self.optimizer.param_groups[0]["params"]]
-        else:
-            parts = [b.params for b in self.sync.buckets]
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         # Without clipping (which needs every gradient first) each bucket is stepped as soon
         # as its average arrives, while later buckets are still on the wire.
-        self.parts = (PartStepper(self.optimizer, parts)
+        self.parts = (bucket_stepper(self.optimizer, self.sync)
                       if cfg.optim.clip_grad_norm is None else None)
         self.step = 0
         self.epoch = 0

@@ -40,7 +40,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
-from mpiml.optim import PartStepper, shard_optimizer
+from mpiml.optim import bucket_stepper, shard_optimizer
 
 
 def build(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
@@ -111,8 +111,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
             opts[key] = shard_optimizer(opts[key], syncs[key])
     # mpiml as its trainer runs it: each bucket stepped as soon as its average arrives;
     # mpiml_sync: the plain synchronous path, all of the sync and then one optimizer step.
-    parts = {key: PartStepper(opts[key], [[p] for p in opts[key].param_groups[0]["params"]]
-                              if syncs[key].sharded else [b.params for b in syncs[key].buckets])
+    parts = {key: bucket_stepper(opts[key], syncs[key])
              for key in ("mpiml", "mpiml_overlap", "mpiml_unsharded")}
     step_fn = {
         "mpiml": lambda: syncs["mpiml"].finish(parts["mpiml"].step),

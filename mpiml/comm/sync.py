@@ -86,6 +86,15 @@ def check_layout(world: World, module: torch.nn.Module) -> None:
     return None
 
 
+def _views(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Each parameter's place in a flat buffer laid out end to end, shaped like it."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
 def _describe(entry: tuple | None) -> str:
     if entry is None:
         return "missing"
@@ -258,24 +267,22 @@ class GradSync:
     def _share_parameters(self) -> None:
         """Move every bucketed parameter into the node's single copy (already broadcast, so
         the first local rank's values are everyone's)."""
-        first = next(iter(self._shared.values()))
-        first.fence()
-        with torch.no_grad():
-            for bucket in self.buckets:
-                flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
-                offset = 0
-                for p in bucket.params:
-                    view = flat[offset : offset + p.numel()].view_as(p)
-                    if first.local_rank == 0:
+        views = [_views(self._shared[b.buffer.dtype].param_tensors[b.slot], b.params)
+                 for b in self.buckets]
+        if self._node.local_rank == 0:
+            with torch.no_grad():
+                for bucket, bucket_views in zip(self.buckets, views, strict=True):
+                    for p, view in zip(bucket.params, bucket_views, strict=True):
                         view.copy_(p)
-                    offset += p.numel()
-        first.fence()  # the copy is complete before any rank points at it
-        for bucket in self.buckets:
-            flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
-            offset = 0
-            for p in bucket.params:
-                p.data = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+        self._node.fence()  # the copy is complete before any rank points at it
+        for bucket, bucket_views in zip(self.buckets, views, strict=True):
+            for p, view in zip(bucket.params, bucket_views, strict=True):
+                p.data = view
+
+    @property
+    def _node(self) -> SharedBuckets:
+        """Any of the shared buckets: all span the same node, for its fence and collectives."""
+        return next(iter(self._shared.values()))
 
     # -- sharded update -------------------------------------------------------------------------
     def share(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,12 +307,12 @@ class GradSync:
     def node_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum over the node's ranks (sharded: a sum over shares is a sum over the model)."""
         with self.world.watch("sum over the node"):
-            return next(iter(self._shared.values())).node_sum(values)
+            return self._node.node_sum(values)
 
     def node_gather(self, obj: object) -> list | None:
         """Every local rank's `obj` on the node's first rank, None on the others."""
         with self.world.watch("gather over the node"):
-            return next(iter(self._shared.values())).node_gather(obj)
+            return self._node.node_gather(obj)
 
     def _build_buckets(self, groups: list[list[torch.nn.Parameter]]) -> list[_Bucket]:
         buckets = []
@@ -318,10 +325,7 @@ class GradSync:
                 buffer = self._shared[dtype].tensors[position]
             else:
                 buffer = torch.zeros(total, dtype=dtype)
-            views, offset = [], 0
-            for p in group:
-                views.append(buffer[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            views = _views(buffer, group)
             buckets.append(_Bucket(index, buffer, group, views, pending=len(group),
                                    slot=position))
         layout = [(b.buffer.numel(), str(b.buffer.dtype)) for b in buckets]
@@ -349,7 +353,7 @@ class GradSync:
         if self.sharded:
             start = time.perf_counter()
             with self.world.watch("parameter update"):  # a dead peer stalls us here too
-                next(iter(self._shared.values())).fence()
+                self._node.fence()
             self.stats.exposed_s += time.perf_counter() - start
         for bucket in self.buckets:
             bucket.buffer.zero_()

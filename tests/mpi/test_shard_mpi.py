@@ -19,7 +19,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
-from mpiml.optim import PartStepper, clip_shards, shard_optimizer
+from mpiml.optim import bucket_stepper, clip_shards, shard_optimizer
 
 pytestmark = pytest.mark.mpi
 
@@ -121,7 +121,7 @@ def test_sharded_steps_match_the_unsharded_path(world, kind, overlap, by_bucket)
         assert sync.sharded  # every rank of these tests shares one node
         # both kinds of bucket: private (MPI's Allreduce) and in shared memory
         assert sorted(set(sync._shared[torch.float32]._shared_index)) == [False, True]
-        parts = PartStepper(opt, [[p] for p in opt.param_groups[0]["params"]])
+        parts = bucket_stepper(opt, sync)
         for step in range(4):
             if by_bucket:  # as the trainer does: each share stepped as its average arrives
                 train_step(model, sync, lambda s: s.finish(parts.step), world.rank, step)
