@@ -16,10 +16,15 @@ Algorithms:
 * ``"doubling"``: recursive doubling (`doubling.py`), power-of-two N only: log2(N) swaps of
   the whole buffer. At N = 2 it is one Sendrecv and one add per segment.
 * ``"auto"`` (the default): ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB,
-  measured at N = 2 on the 2-core machine with `scripts/bench_allreduce.py`); at N = 2,
-  ``"doubling"`` while the buffer fits in one segment; ``"ring"`` above. With a compressed
-  wire (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two
-  N, else ``"ring"``.
+  measured at N = 2 on the 2-core machine with `scripts/bench_allreduce.py`), ``"ring"`` from
+  there up. With a compressed wire (which MPI cannot add in float32): ``"doubling"`` below the
+  threshold at power-of-two N, else ``"ring"``. Doubling is not chosen for large float32
+  buffers even at N = 2, where it sends as much as the ring: it adds the whole buffer where
+  the ring adds half, and it rewrites every page it has just sent. Where the MPI moves large
+  messages by a single copy out of the sender's pages (MPICH's CMA), touching a page again
+  after a peer read it can cost a page fault: on the 2-core machine, in about one run in three,
+  a 1 MiB doubling took 2.2-2.5x MPI's Allreduce while the ring stayed at 1.0-1.2x (and at
+  0.8-0.97x, like doubling, in the other runs).
 
 Precision: float32 and float64 are summed in their own type. float16 and bfloat16 buffers
 are summed in float32. A torch bfloat16 tensor has no numpy dtype: pass its bits,
@@ -75,8 +80,8 @@ ALGORITHMS = ("auto", "ring", "doubling", "mpi")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine: MPICH's Allreduce
-# wins below ~768 KiB (one C call against Python-driven steps), doubling (one Sendrecv and an
-# add) wins at 1 MiB, and the pipelined ring from 2 MiB up. 1 MiB segments beat 256 KiB and
+# wins below ~768 KiB (one C call against Python-driven steps), the pipelined ring from 1 MiB
+# up (doubling ties with it at 1 MiB in most runs and loses 2x in some: see "auto" above). 1 MiB segments beat 256 KiB and
 # 512 KiB ones from 2 MiB up (fewer Python steps), and a window of two still fits in L2.
 DEFAULT_SMALL_THRESHOLD_BYTES = 1 << 20
 DEFAULT_SEGMENT_BYTES = 1 << 20
@@ -284,8 +289,6 @@ class Allreducer:
             return "doubling" if small else "ring"
         if nbytes < self.config.small_threshold_bytes:
             return "mpi"
-        if self.size == 2 and nbytes <= self.config.segment_bytes:
-            return "doubling"  # one Sendrecv and one add: the fewest steps, no dependencies
         return "ring"
 
     # -- internals ------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ it received, so after step k every group of 2^(k+1) ranks holds its group's sum:
 
 log2(N) messages instead of the ring's 2(N-1), which is why it is the small-buffer path; each
 rank sends K elements per step, log2(N)·K in all against the ring's 2(N-1)/N·K. At N = 2 the two
-are equal (K), and doubling needs half the messages and no step waits on another: there it is
-the best large-buffer algorithm too.
+are equal (K) and doubling needs half the messages, but it adds K elements per rank against the
+ring's K/2 and rewrites every page it has just sent; `Allreducer`'s "auto" keeps it for small
+compressed buffers (see allreduce.py for what that cost measured).
 
 Same bits on every rank: both partners compute (lower rank's value) + (higher rank's value),
 with the operands in that order, so even two NaNs with different payloads give one answer.

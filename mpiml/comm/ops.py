@@ -14,7 +14,7 @@ Numerics, chosen to give the results Horovod's CPU path gives:
   ``int(factor * value)`` in double precision, which truncates toward zero: the integer Average
   of 1 and 2 is 1, of -1 and -2 is -1.
 * Large float32/float64 sums (1 MiB and up) go through the project's `Allreducer` (pipelined
-  ring or recursive doubling on preallocated buffers); smaller ones through MPI's Allreduce.
+  ring on preallocated buffers); smaller ones through MPI's Allreduce.
 """
 
 from __future__ import annotations
