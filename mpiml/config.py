@@ -200,9 +200,8 @@ class CommConfig:
     """How gradients are synchronised."""
 
     # auto: buckets in node-shared memory, summed there by the node's ranks and across nodes
-    # by our ring (buckets under 128 KiB by MPI's Allreduce); ring: our pipelined ring (or, at
-    # 2 ranks, one exchange) over all ranks; mpi: MPI's own Allreduce, to compare and as a
-    # fallback
+    # by our ring (buckets under 128 KiB by MPI's Allreduce); ring: our pipelined ring over
+    # all ranks; mpi: MPI's own Allreduce, to compare and as a fallback
     algorithm: Literal["auto", "ring", "mpi"] = "auto"
     # 16-bit wire, summed in float32 (under algorithm auto, between nodes only: within a
     # node the buckets are read from shared memory and nothing travels)
