@@ -81,8 +81,9 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine: MPICH's Allreduce
 # wins below ~768 KiB (one C call against Python-driven steps), the pipelined ring from 1 MiB
-# up (doubling ties with it at 1 MiB in most runs and loses 2x in some: see "auto" above). 1 MiB segments beat 256 KiB and
-# 512 KiB ones from 2 MiB up (fewer Python steps), and a window of two still fits in L2.
+# up (doubling ties with it at 1 MiB in most runs and loses 2x in some: see "auto" above).
+# 1 MiB segments beat 256 KiB and 512 KiB ones from 2 MiB up (fewer Python steps), and a
+# window of two still fits in L2.
 DEFAULT_SMALL_THRESHOLD_BYTES = 1 << 20
 DEFAULT_SEGMENT_BYTES = 1 << 20
 
