@@ -110,8 +110,8 @@ class Trainer:
         if self.sync.sharded:  # this rank steps its share of each bucket
             self.optimizer = shard_optimizer(self.optimizer, self.sync)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
-        # Without clipping (which needs every gradient first) each bucket is stepped as soon
-        # as its average arrives, while later buckets are still on the wire.
+        # Without clipping (which needs every gradient first), and while overlap is on, each
+        # bucket is stepped as soon as its average arrives, while later ones are on the wire.
         self.parts = (bucket_stepper(self.optimizer, self.sync)
                       if cfg.optim.clip_grad_norm is None else None)
         self.step = 0
@@ -226,7 +226,9 @@ class Trainer:
         early = self.agree(loss) if self.cfg.train.nonfinite == "skip" else None
         agreed_s = time.perf_counter() - start
         skip = early is not None and early[0]
-        stepped = self.parts is not None and not skip
+        # Bucket by bucket only while buckets can still be on the wire: with overlap off
+        # every average is in before the first could be stepped, and one step is cheaper.
+        stepped = self.parts is not None and not skip and self.sync.overlap
         self.sync.finish(self.parts.step if stepped else None)
         self.optimizer_step(skip=skip, stepped=stepped)
         if early is None:

@@ -8,8 +8,8 @@ rounds that interleave the contenders (so machine noise hits all of them alike):
 - ``mpiml``: the loop of mpiml's trainer with its defaults: GradSync (fused buckets in
   node-shared memory, ``overlap="auto"``: its first steps time overlap on and off and keep the
   faster), parameters once per node in shared memory with each rank stepping its share
-  (``shard=True``, `optim.shard_optimizer`), bucket by bucket as averages arrive
-  (`optim.PartStepper`);
+  (``shard=True``, `optim.shard_optimizer`), bucket by bucket as averages arrive while
+  overlap is on (`optim.PartStepper`), in one step when it is off;
 - ``mpiml_overlap``: the same with overlap forced on;
 - ``mpiml_sync``: overlap off and one optimizer step after the whole sync, whose wait is the
   whole communication time;
@@ -114,16 +114,27 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     for key in mine:  # as the trainer does: sharded wherever the layout allows it
         if syncs[key].sharded:
             opts[key] = shard_optimizer(opts[key], syncs[key])
-    # mpiml as its trainer runs it: each bucket stepped as soon as its average arrives;
-    # mpiml_sync: the plain synchronous path, all of the sync and then one optimizer step.
+    # mpiml as its trainer runs it: with overlap on, each bucket stepped as soon as its average
+    # arrives; mpiml_sync: the plain synchronous path, all of the sync and then one step.
     parts = {key: bucket_stepper(opts[key], syncs[key])
              for key in ("mpiml", "mpiml_overlap", "mpiml_unsharded")}
+    def as_trainer(key: str) -> Callable[[], None]:
+        """The trainer's update: bucket by bucket while overlap is on, else one step."""
+        sync, opt, stepper = syncs[key], opts[key], parts[key]
+
+        def update() -> None:
+            if sync.overlap:
+                sync.finish(stepper.step)
+            else:
+                sync.finish()
+                opt.step()
+        return update
+
     step_fn = {
-        "mpiml": lambda: syncs["mpiml"].finish(parts["mpiml"].step),
-        "mpiml_overlap": lambda: syncs["mpiml_overlap"].finish(parts["mpiml_overlap"].step),
+        "mpiml": as_trainer("mpiml"),
+        "mpiml_overlap": as_trainer("mpiml_overlap"),
         "mpiml_sync": lambda: (syncs["mpiml_sync"].finish(), opts["mpiml_sync"].step()),
-        "mpiml_unsharded": lambda: syncs["mpiml_unsharded"].finish(
-            parts["mpiml_unsharded"].step),
+        "mpiml_unsharded": as_trainer("mpiml_unsharded"),
         "ddp": opts["ddp"].step,
         "local": opts["local"].step,
     }
