@@ -80,13 +80,10 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def timed_steps(model: nn.Module, batches: list, steps: int, sync_and_step: Callable[[], None],
-                zero: Callable[[], None], on_start: Callable[[], object] = lambda: None) -> float:
-    """Seconds per step over `steps` steps after two warm-up steps; `on_start()` runs when the
-    timing starts (to reset counters that must cover the same steps)."""
+                zero: Callable[[], None]) -> float:
     loss_fn = nn.CrossEntropyLoss()
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
-            on_start()
             start = time.perf_counter()
         x, y = batches[i % len(batches)]
         loss_fn(model(x), y).backward()
@@ -118,6 +115,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     # arrives; mpiml_sync: the plain synchronous path, all of the sync and then one step.
     parts = {key: bucket_stepper(opts[key], syncs[key])
              for key in ("mpiml", "mpiml_overlap", "mpiml_unsharded")}
+
     def as_trainer(key: str) -> Callable[[], None]:
         """The trainer's update: bucket by bucket while overlap is on, else one step."""
         sync, opt, stepper = syncs[key], opts[key], parts[key]
