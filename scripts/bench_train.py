@@ -155,7 +155,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
 
             world.barrier()
             times[key].append(timed_steps(models[key], batches, steps, step_fn[key], zero))
-            del mine_steps[len(mine_steps) - steps - 2:len(mine_steps) - steps]  # warm-up
+            del mine_steps[-steps - 2:-steps]  # the two warm-up steps
         world.barrier()
         times["ddp"].append(timed_steps(ddp, batches, steps, step_fn["ddp"], ddp_opt_zero))
         world.barrier()
