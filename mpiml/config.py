@@ -46,6 +46,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every_epochs: int = 1  # epochs between evaluations; the last epoch is always evaluated
     threads: int = 0  # torch threads per rank; 0 = this node's cores / ranks on this node
+    # glibc: keep freed memory for the next step instead of faulting it in again (mpiml/heap.py)
+    keep_freed_memory: bool = True
     # a NaN/inf loss on any rank: abort (exit 3) or skip the update, the same on every rank
     nonfinite: Literal["abort", "skip"] = "abort"
 

@@ -27,6 +27,7 @@ from mpiml.config import Config, dump_config
 from mpiml.data import Dataset, ShardedLoader, build_dataset
 from mpiml.errors import CheckpointError, NonFiniteLossError, unwinding_alone
 from mpiml.evaluation import eval_batch_size, evaluate_model
+from mpiml.heap import keep_freed_memory
 from mpiml.losses import cross_entropy
 from mpiml.models import build_model
 from mpiml.optim import (
@@ -90,6 +91,7 @@ class Trainer:
         self.threads = threads_per_rank(world.local_size, cfg.train.threads,
                                         slurm_cpus_per_task())
         torch.set_num_threads(self.threads)
+        self.heap_kept = cfg.train.keep_freed_memory and keep_freed_memory()
         torch.manual_seed(cfg.train.seed)  # rank 0's initial weights are broadcast anyway
 
         self.dataset: Dataset = world.run_together(
@@ -128,7 +130,8 @@ class Trainer:
         need = 3 * param_bytes + 16 * 2**10 * world.size + 2**16
         world.root_decides(lambda: check_room(cfg.run.dir, need))
         log.print(f"mpiml {mpiml.__version__}: {world.size} rank(s), {self.threads} torch "
-                  f"thread(s) per rank, model {cfg.model.name} ({n_params:,} parameters), "
+                  f"thread(s) per rank{', freed memory kept' if self.heap_kept else ''}, "
+                  f"model {cfg.model.name} ({n_params:,} parameters), "
                   f"data {cfg.data.name} ({len(self.dataset.train):,} train / "
                   f"{len(self.dataset.eval):,} eval), global batch "
                   f"{self.loader.batch_size * world.size}, "

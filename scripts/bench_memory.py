@@ -9,7 +9,8 @@ about two). Peak RSS counts a page of node-shared memory in every rank that read
 splits it between them.
 
 - ``plain``: one process, the same loop with no communication at all;
-- ``mpiml``: ``mpiexec -n NP``, as the trainer runs it: GradSync with fused buckets in shared
+- ``mpiml``: ``mpiexec -n NP``, as the trainer runs it (freed memory kept for reuse,
+  `mpiml/heap.py`): GradSync with fused buckets in shared
   memory and the parameters once per node, each rank stepping its share
   (``optim.shard_optimizer``, so each holds 1/NP of the momentum);
 - ``mpiml_unsharded``: the same with ``comm.shard_optimizer: false``;
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_train import build, init_gloo  # noqa: E402
 
+from mpiml.heap import keep_freed_memory  # noqa: E402
 from mpiml.optim import shard_optimizer  # noqa: E402
 
 KINDS = ("plain", "mpiml", "mpiml_unsharded", "ddp")
@@ -78,6 +80,7 @@ def worker(kind: str, model_name: str, steps: int, batch: int) -> None:
 
         world = World()
         if kind.startswith("mpiml"):
+            keep_freed_memory()  # as the trainer does by default (train.keep_freed_memory)
             sync = GradSync(world, model, shard=kind == "mpiml")
         else:
             init_gloo(world)

@@ -19,6 +19,9 @@ rounds that interleave the contenders (so machine noise hits all of them alike):
 - ``local``: the same loop with no gradient sync at all (every rank at once);
 - ``single``: rank 0 alone while the others wait (plain one-process PyTorch on one core).
 
+The process keeps freed memory for reuse, as the trainer does by default (`mpiml/heap.py`;
+``--glibc-malloc-defaults`` turns it off), so every contender runs with it.
+
 Rank 0 prints one JSON document: median step times, samples/s, the ratio mpiml/DDP, scaling
 efficiency (per-rank throughput over ``single``), and exposed communication per step (time a
 rank waited for the sync, every rank's timed steps pooled): the mean, which includes the steps
@@ -42,6 +45,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
+from mpiml.heap import keep_freed_memory
 from mpiml.optim import bucket_stepper, shard_optimizer
 
 
@@ -219,9 +223,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="do not keep freed memory for reuse (train.keep_freed_memory: false)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # As the trainer does by default; process-wide, so every contender runs with it.
+    kept = not args.glibc_malloc_defaults and keep_freed_memory()
     with World() as world:
         init_gloo(world)
         results = [run(world, m, args.steps, args.repeats, args.batch, args.bucket_mb)
@@ -229,6 +237,7 @@ def main() -> int:
         dist.destroy_process_group()
         if world.is_root:
             doc = {"world_size": world.size, "threads_per_rank": args.threads,
+                   "keep_freed_memory": kept,
                    "steps": args.steps, "repeats": args.repeats, "results": results}
             text = json.dumps(doc, indent=1)
             print(text)

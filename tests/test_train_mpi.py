@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpiml.heap import glibc
+
 from mpirun import python, run_mpi
 
 SYNTH = ["--set", "data.name=synthetic", "--set", "data.samples=600", "--set", "data.features=12",
@@ -66,13 +68,16 @@ def test_accumulation_and_clipping_match_one_big_batch(tmp_path):
         "clipping at 0.05 should have changed the result"
 
 
-def test_overlap_off_and_mpi_algorithm_give_the_same_model(tmp_path):
+def test_overlap_off_mpi_algorithm_and_malloc_defaults_give_the_same_model(tmp_path):
     base = ("--set", "train.max_steps=20", "--set", "data.batch_size=8")
     a = train(2, tmp_path / "a", *base, "--set", "comm.overlap=false", "--set",
-              "comm.algorithm=mpi")
+              "comm.algorithm=mpi", "--set", "train.keep_freed_memory=false")
     b = train(2, tmp_path / "b", *base, "--set", "comm.overlap=true", "--set",
               "comm.algorithm=ring", "--set", "comm.bucket_mb=0.001")
     assert a.returncode == 0 and b.returncode == 0, a.output + b.output
+    # glibc's malloc tuning (mpiml/heap.py) follows the config and changes no result.
+    assert "freed memory kept" not in a.stdout, a.output
+    assert ("freed memory kept" in b.stdout) == (glibc() is not None), b.output
     for name, value in final_params(tmp_path / "a").items():
         torch.testing.assert_close(final_params(tmp_path / "b")[name], value, rtol=1e-5,
                                    atol=1e-6)
