@@ -84,7 +84,7 @@ def test_overlap_off_mpi_algorithm_and_malloc_defaults_give_the_same_model(tmp_p
 
 
 def test_metrics_are_global_and_run_dir_is_complete(tmp_path):
-    # batch 8: enough steps (37 per epoch) for the overlap tuner to finish in the first epoch
+    # batch 8: 37 steps per epoch, 111 in all: enough for the overlap tuner (51) to finish
     job = train(2, tmp_path / "run", "--set", "checkpoint.every_steps=10",
                 "--set", "data.batch_size=8")
     assert job.returncode == 0, job.output
