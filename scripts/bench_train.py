@@ -3,13 +3,15 @@
     mpiexec -n 2 python scripts/bench_train.py [--models mlp,cnn,wide] [--steps 20] [--repeats 5]
 
 Every rank trains the same model on the same synthetic batches with the same thread count, in
-rounds that interleave the contenders (so machine noise hits all of them alike):
+rounds that interleave the contenders, in a fresh order each round (so machine noise hits all
+of them alike):
 
 - ``mpiml``: the loop of mpiml's trainer with its defaults: GradSync (fused buckets in
   node-shared memory, ``overlap="auto"``: its first steps time overlap on and off and keep the
-  faster), parameters once per node in shared memory with each rank stepping its share
-  (``shard=True``, `optim.shard_optimizer`), bucket by bucket as averages arrive while
-  overlap is on (`optim.PartStepper`), in one step when it is off;
+  faster; those steps run before the timed rounds), parameters once per node in shared
+  memory with each rank stepping its share (``shard=True``, `optim.shard_optimizer`),
+  bucket by bucket as averages arrive while overlap is on (`optim.PartStepper`), in one
+  step when it is off;
 - ``mpiml_overlap``: the same with overlap forced on;
 - ``mpiml_sync``: overlap off and one optimizer step after the whole sync, whose wait is the
   whole communication time;
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import sys
@@ -149,26 +152,38 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
 
     times: dict[str, list[float]] = {k: [] for k in (*mine, "ddp", "local", "single")}
     exposed: dict[str, list[float]] = {k: [] for k in mine}  # per step, timed steps only
-    for _ in range(repeats):
-        for key in mine:
+
+    def contend(key: str) -> None:
+        """One repeat of `key`'s timed steps (rank 0 alone for "single")."""
+        if key in mine:
             sync, mine_steps = syncs[key], exposed[key]
 
             def zero(sync: GradSync = sync, out: list[float] = mine_steps) -> None:
                 sync.zero_grad()  # the step's last wait (the update fence) happens here
                 out.append(sync.reset_stats().exposed_s)
 
-            world.barrier()
             times[key].append(timed_steps(models[key], batches, steps, step_fn[key], zero))
             del mine_steps[-steps - 2:-steps]  # the two warm-up steps
-        world.barrier()
-        times["ddp"].append(timed_steps(ddp, batches, steps, step_fn["ddp"], ddp_opt_zero))
-        world.barrier()
-        times["local"].append(timed_steps(models["local"], batches, steps, step_fn["local"],
+        elif key == "ddp":
+            times[key].append(timed_steps(ddp, batches, steps, step_fn[key], ddp_opt_zero))
+        elif key == "local" or world.is_root:  # "single": rank 0 while the others wait
+            times[key].append(timed_steps(models["local"], batches, steps, step_fn["local"],
                                           local_zero))
-        world.barrier()
-        if world.is_root:
-            times["single"].append(timed_steps(models["local"], batches, steps,
-                                               step_fn["local"], local_zero))
+
+    # comm.overlap auto: let the tuner decide before anything is timed, as it has long
+    # before the steady state of a real run (it takes 51 steps); the decision is reported.
+    for key in ("mpiml", "mpiml_unsharded"):
+        while syncs[key].decision is None:
+            world.barrier()
+            timed_steps(models[key], batches, 1, step_fn[key], syncs[key].zero_grad)
+        syncs[key].reset_stats()
+    for rep in range(repeats):
+        # A fresh order every repeat, the same on every rank (seeded by the repeat): whoever
+        # runs first after rank 0's solo run, or right after a contender that leaves threads
+        # behind, is not always the same one.
+        for key in random.Random(rep).sample(list(times), len(times)):
+            world.barrier()
+            contend(key)
         world.barrier()
     chosen = syncs["mpiml"].decision
     syncs_sharded = syncs["mpiml"].sharded
