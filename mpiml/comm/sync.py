@@ -23,10 +23,10 @@ step 8% shorter in one run and 10% longer in another, and the small MLP's 4-20% 
 the first steps run the two ways in alternating blocks, timing whole steps (finish to finish),
 and every rank keeps overlap only if its median step, on the slowest rank, is at least 5%
 shorter. Overlap has to win clearly because a wrong "on" costs more than a wrong "off": on
-the 2-core machine (2026-12-03, `scripts/bench_train.py`, eight runs) the overlapped step was
-longer than the synchronous one in seven runs of the wide MLP and both of the CNN, by up to
-8%, yet 12 timed steps per mode with a 2% margin chose overlap in one of each (the CNN then
-fell 1% behind DDP).
+the 2-core machine (2026-12-03, `scripts/bench_train.py`) the overlapped step was longer
+than the synchronous one in seven of eight runs of the wide MLP and in both runs of the CNN,
+by up to 10%, yet 12 timed steps per mode with a 2% margin chose overlap in one of each (the
+CNN then fell 1% behind DDP).
 """
 
 from __future__ import annotations
