@@ -173,7 +173,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     # comm.overlap auto: let the tuner decide before anything is timed, as it has long
     # before the steady state of a real run (it takes 51 steps); the decision is reported.
     for key in ("mpiml", "mpiml_unsharded"):
-        while syncs[key].decision is None:
+        while syncs[key].tuning:
             world.barrier()
             timed_steps(models[key], batches, 1, step_fn[key], syncs[key].zero_grad)
         syncs[key].reset_stats()

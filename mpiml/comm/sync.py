@@ -449,6 +449,11 @@ class GradSync:
         if self._tuner is not None:
             self._tune(end)
 
+    @property
+    def tuning(self) -> bool:
+        """True while `overlap="auto"` is still timing the two modes (never on one rank)."""
+        return self._tuner is not None
+
     def _tune(self, now: float) -> None:
         """Record the step that just ended under the current mode; switch, or decide."""
         tuner = self._tuner

@@ -145,6 +145,7 @@ def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
         tuner = sync._tuner
         if world.size == 1:
             assert tuner is None and sync.overlap is False  # nothing to overlap with
+            assert not sync.tuning
             return
         modes = []
         steps = tuner.warmup + 2 * tuner.blocks * tuner.block
@@ -152,6 +153,7 @@ def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
             modes.append(sync.overlap)
             step_and_check_average(world, model, sync, step)
             assert (sync.decision is None) == (step + 1 < steps), (step, sync.decision)
+            assert sync.tuning == (step + 1 < steps), step
         # warm-up with overlap, then blocks alternating from off, then the choice held
         assert modes[: tuner.warmup] == [True] * tuner.warmup
         trial = modes[tuner.warmup : steps]
