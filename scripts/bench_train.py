@@ -48,6 +48,7 @@ from torch import nn
 
 from mpiml.comm import World
 from mpiml.comm.sync import GradSync
+from mpiml.comm.world import run_or_abort
 from mpiml.heap import keep_freed_memory
 from mpiml.optim import bucket_stepper, shard_optimizer
 
@@ -263,4 +264,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_or_abort(main))  # an exception on one rank ends the job, not just that rank
