@@ -96,7 +96,7 @@ def worker(kind: str, model_name: str, steps: int, batch: int) -> None:
         if sync is not None:
             sync.zero_grad()
         else:
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad()  # PyTorch's default: .grad = None, fresh gradients each step
     peaks, pss = [peak_rss_mb()], [pss_mb()]  # PSS at the end of training, with buckets live
     if world is not None:
         peaks = world.allgather_object(peaks[0])

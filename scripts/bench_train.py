@@ -145,11 +145,13 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
         "local": opts["local"].step,
     }
 
+    # Plain PyTorch as it is written: zero_grad() sets .grad to None (its default since 2.0),
+    # so the next backward hands over fresh gradients instead of adding to zeroed ones.
     def ddp_opt_zero() -> None:
-        ddp.zero_grad(set_to_none=False)
+        opts["ddp"].zero_grad()
 
     def local_zero() -> None:
-        models["local"].zero_grad(set_to_none=False)
+        opts["local"].zero_grad()
 
     times: dict[str, list[float]] = {k: [] for k in (*mine, "ddp", "local", "single")}
     exposed: dict[str, list[float]] = {k: [] for k in mine}  # per step, timed steps only
