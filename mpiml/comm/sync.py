@@ -3,15 +3,17 @@
 Why buckets: one allreduce per parameter pays the per-call latency hundreds of times; one per
 model waits for the whole backward. Parameters are grouped, in reverse registration order
 (roughly the order backward produces their gradients), into flat buffers of about
-`bucket_mb`. Each parameter's `.grad` is a view into its bucket, so autograd accumulates
-straight into the buffer that goes on the wire: no copy in, no copy out.
+`bucket_mb`. After `zero_grad()` every `.grad` is None; a post-accumulate-grad hook copies
+the gradient autograd hands over into the parameter's slot in its bucket and makes `.grad` a
+view of that slot, so further micro-batches add straight into the buffer that goes on the
+wire and the optimizer reads the average from it: one copy in, no copy out.
 
 Why a fixed order: MPI matches collectives by call order. A bucket is launched only after every
 bucket before it, so ranks whose backward finishes parameters in a different order still make
-the same calls in the same order. Parameters that got no gradient this step keep their zeroed
-view and are reduced as zeros when `finish()` flushes, so the number of calls never diverges.
+the same calls in the same order. Parameters that got no gradient this step have their slot
+zeroed and are reduced as zeros when `finish()` flushes, so the number of calls never diverges.
 
-With `overlap`, a post-accumulate-grad hook counts each bucket's ready parameters; the moment a
+With `overlap`, the same hook counts each bucket's ready parameters; the moment a
 bucket is complete it goes to a single communication thread with a communicator of its own,
 while backward carries on with earlier layers. The optimizer waits only in `finish()`.
 
@@ -220,11 +222,10 @@ class GradSync:
         self._next = 0  # index of the next bucket to launch: launches go strictly in order
         self._reducers = {} if self._shared else self._build_reducers(algorithm, compression)
         self._executor = ThreadPoolExecutor(1, "mpiml-comm") if self.overlap else None
-        if self.overlap:
-            for bucket in self.buckets:
-                for param in bucket.params:
-                    self._hooks.append(param.register_post_accumulate_grad_hook(
-                        self._make_hook(bucket)))
+        for bucket in self.buckets:  # always: they also move each new gradient in
+            for param, view in zip(bucket.params, bucket.views, strict=True):
+                self._hooks.append(param.register_post_accumulate_grad_hook(
+                    self._make_hook(bucket, view)))
         self.zero_grad()
 
     # -- layout -------------------------------------------------------------------------------
@@ -347,11 +348,20 @@ class GradSync:
         return reducers
 
     def zero_grad(self) -> None:
-        """Zero every gradient and point each `.grad` at its slot in the bucket.
+        """Forget every gradient: the next backward's land in their buckets.
+
+        Why `.grad = None` and not zeroed buckets (PyTorch's `zero_grad(set_to_none=False)`):
+        zeroing writes every bucket once and autograd then reads it back to add the new
+        gradient (two reads and two writes of the model's gradients per step); with `.grad`
+        None autograd hands over the gradient it just computed and the hook copies it into
+        the bucket (one read, one write) and points `.grad` at its slot, so later micro-batches
+        add straight into the bucket. A parameter that gets no gradient is zeroed at launch.
+        Measured at N = 2 on the 2-core machine, the same loop both ways, interleaved: the
+        MLP's step 3-4% shorter (three runs), the wide MLP's 1% and 8% (two runs).
 
         Sharded, this is also where the node's ranks wait for each other (collective on the
         node): every share must be updated before anyone reads the parameters again, and
-        every peer done reading this rank's gradients before they are zeroed. So call it after
+        every peer done reading this rank's gradients before they are overwritten. So call it after
         the optimizer step, once per step, on every rank (the trainer does).
         """
         if self.sharded:
@@ -360,9 +370,8 @@ class GradSync:
                 self._node.fence()
             self.stats.exposed_s += time.perf_counter() - start
         for bucket in self.buckets:
-            bucket.buffer.zero_()
-            for param, view in zip(bucket.params, bucket.views, strict=True):
-                param.grad = view
+            for param in bucket.params:
+                param.grad = None
             bucket.pending = len(bucket.params)
             bucket.future = None
         self._next = 0
@@ -378,8 +387,12 @@ class GradSync:
             self._accumulating = False
 
     # -- launching ----------------------------------------------------------------------------
-    def _make_hook(self, bucket: _Bucket):
+    def _make_hook(self, bucket: _Bucket, view: torch.Tensor):
         def hook(param: torch.nn.Parameter) -> None:
+            grad = param.grad
+            if grad is not None and grad.data_ptr() != view.data_ptr():
+                view.copy_(grad)  # the first gradient since zero_grad: into its bucket
+                param.grad = view
             if self._accumulating or not self.overlap:
                 return
             bucket.pending -= 1

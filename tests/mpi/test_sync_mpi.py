@@ -31,10 +31,17 @@ def local_grads(model: nn.Module, rank: int, micro: int = 0) -> None:
     model(x).pow(2).mean().backward()
 
 
+def local_copy(model: nn.Module) -> dict[str, np.ndarray]:
+    """Each parameter's gradient before the sync; one backward did not reach (None) is zeros."""
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().clone().numpy()
+            for n, p in model.named_parameters()}
+
+
 def step_and_check_average(world: World, model: Net, sync: GradSync, micro: int) -> None:
     """One backward and finish(); every gradient must be the float64 mean of every rank's."""
     local_grads(model, world.rank, micro=micro)
-    mine = {n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()}
+    mine = local_copy(model)
+    assert model.unused.weight.grad is None  # backward never reached it
     sync.finish()
     everyone = world.allgather_object(mine)
     for n, p in model.named_parameters():
@@ -74,13 +81,46 @@ def test_accumulation_syncs_once(world):
             local_grads(model, world.rank, micro=0)
             assert sync.stats.calls == 0
         local_grads(model, world.rank, micro=1)
-        local.append({n: p.grad.detach().clone().numpy() for n, p in model.named_parameters()})
+        local.append(local_copy(model))
         sync.finish()
         assert sync.stats.calls == len(sync.buckets)
         everyone = world.allgather_object(local[0])
         for n, p in model.named_parameters():
             expected = np.mean([g[n] for g in everyone], axis=0)
             np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gradients_land_in_their_bucket_and_micro_batches_add_there(world, overlap):
+    """After zero_grad() every .grad is None; backward's gradient is moved into the bucket
+    slot (and .grad points there), the next micro-batch adds to it, and the average equals
+    plain PyTorch's accumulated gradients averaged over ranks."""
+    model = Net()
+    with GradSync(world, model, bucket_mb=0.001, overlap=overlap) as sync:
+        oracle = Net()
+        oracle.load_state_dict(model.state_dict())  # rank 0's weights, as GradSync made them
+        assert all(p.grad is None for p in model.parameters())
+        for step in range(2):  # the second step starts from zero_grad(), not from fresh
+            with sync.no_sync():
+                local_grads(model, world.rank, micro=10 * step)
+            slots = {id(p): v for b in sync.buckets
+                     for p, v in zip(b.params, b.views, strict=True)}
+            for n, p in model.named_parameters():
+                if n.startswith("unused."):
+                    assert p.grad is None, n
+                else:
+                    assert p.grad.data_ptr() == slots[id(p)].data_ptr(), f"{n} not in its bucket"
+            local_grads(model, world.rank, micro=10 * step + 1)
+            oracle.zero_grad()
+            for micro in (10 * step, 10 * step + 1):
+                local_grads(oracle, world.rank, micro=micro)
+            sync.finish()
+            everyone = world.allgather_object(local_copy(oracle))
+            for n, p in model.named_parameters():
+                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
+                np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"step {step}, {n}")
+            sync.zero_grad()
 
 
 def test_grad_replaced_by_set_to_none_is_still_synced(world):
@@ -121,10 +161,8 @@ def test_half_precision_and_compression_against_float64(world, dtype, compressio
     with GradSync(world, model, bucket_mb=0.002, compression=compression) as sync:
         gen = torch.Generator().manual_seed(world.rank)
         for p in model.parameters():  # rank-dependent gradients of varied magnitude
-            p.grad.copy_(torch.randn(p.shape, generator=gen) * (1 + world.rank))
+            p.grad = (torch.randn(p.shape, generator=gen) * (1 + world.rank)).to(dtype)
         mine = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.grad.copy_(mine[[n for n, q in model.named_parameters() if q is p][0]])
         sync.finish()
         everyone = world.allgather_object({n: g.to(dtype).double() for n, g in mine.items()})
         for n, p in model.named_parameters():
