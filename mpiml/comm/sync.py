@@ -101,6 +101,19 @@ def _views(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.T
     return views
 
 
+def _into_slot(param: torch.nn.Parameter, view: torch.Tensor) -> None:
+    """Point `param.grad` at `view`, its slot in a bucket, holding the gradient it had (zeros
+    if it had none); nothing to do when it already points there."""
+    grad = param.grad
+    if grad is not None and grad.data_ptr() == view.data_ptr():
+        return
+    if grad is None:
+        view.zero_()
+    else:
+        view.copy_(grad)
+    param.grad = view
+
+
 def _describe(entry: tuple | None) -> str:
     if entry is None:
         return "missing"
@@ -361,8 +374,8 @@ class GradSync:
 
         Sharded, this is also where the node's ranks wait for each other (collective on the
         node): every share must be updated before anyone reads the parameters again, and
-        every peer done reading this rank's gradients before they are overwritten. So call it after
-        the optimizer step, once per step, on every rank (the trainer does).
+        every peer done reading this rank's gradients before they are overwritten. So call it
+        after the optimizer step, once per step, on every rank (the trainer does).
         """
         if self.sharded:
             start = time.perf_counter()
@@ -389,10 +402,7 @@ class GradSync:
     # -- launching ----------------------------------------------------------------------------
     def _make_hook(self, bucket: _Bucket, view: torch.Tensor):
         def hook(param: torch.nn.Parameter) -> None:
-            grad = param.grad
-            if grad is not None and grad.data_ptr() != view.data_ptr():
-                view.copy_(grad)  # the first gradient since zero_grad: into its bucket
-                param.grad = view
+            _into_slot(param, view)  # the first gradient since zero_grad: into its bucket
             if self._accumulating or not self.overlap:
                 return
             bucket.pending -= 1
@@ -413,14 +423,10 @@ class GradSync:
             self._reduce(bucket)
 
     def _adopt_foreign_grads(self, bucket: _Bucket) -> None:
-        """If something replaced a `.grad` (e.g. `zero_grad(set_to_none=True)`), copy it back."""
+        """Every `.grad` of the bucket in its slot: zeros where backward gave none, a copy where
+        something replaced it after the hook (e.g. `optimizer.zero_grad()`)."""
         for param, view in zip(bucket.params, bucket.views, strict=True):
-            grad = param.grad
-            if grad is None:
-                view.zero_()
-            elif grad.data_ptr() != view.data_ptr():
-                view.copy_(grad)
-            param.grad = view
+            _into_slot(param, view)
 
     def _reduce(self, bucket: _Bucket) -> None:
         start = time.perf_counter()
