@@ -6,10 +6,11 @@ Every rank trains the same model on the same synthetic batches with the same thr
 rounds that interleave the contenders, in a fresh order each round (so machine noise hits all
 of them alike). Each round gives a contender two warm-up steps and `--steps` timed ones; the
 median over `--repeats` rounds is reported. Short rounds, many of them: on the shared 2-core
-machine the same number of steps as 7 rounds of 20 left the one-process baseline's median at
-10.9-22.2 ms over eight runs of the MLP, and as 21 rounds of 5 at 11.6-13.8 ms; two contenders
-running the same algorithm (``mpiml`` once its tuner chose off, and ``mpiml_sync``) differed
-by 2.3% against 1.0% (median over those runs).
+machine, with about as many steps run in all (154 per contender as 7 rounds of 20, 147 as 21
+rounds of 5), the one-process baseline's median was 10.9-22.2 ms over eight runs of the MLP
+with long rounds and 11.6-13.8 ms with short ones; two contenders running the same algorithm
+(``mpiml`` once its tuner chose off, and ``mpiml_sync``) differed by 2.3% against 1.0%
+(median over those runs).
 
 - ``mpiml``: the loop of mpiml's trainer with its defaults: GradSync (fused buckets in
   node-shared memory, ``overlap="auto"``: its first steps time overlap on and off and keep the
