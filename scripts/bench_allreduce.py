@@ -9,7 +9,9 @@ so that background load hits all of them alike. A repeat is: barrier, time one c
 rank, keep the slowest rank's time. Reported: the median over repeats (after warmup),
 algorithm bandwidth (bytes / time), bus bandwidth (algbw * 2(N-1)/N, the per-link traffic of
 a ring) and the ratios
-mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpiml_shared" (when the ranks share
+mpiml/MPI and mpiml/gloo (< 1 means mpiml is faster). "mpiml" is the `Allreducer` as callers
+get it (``algorithm="auto"``); "mpiml_ring" and "mpiml_staged" (when every rank shares one
+node) force one algorithm at every size. "mpiml_shared" (when the ranks share
 nodes, see `mpiml/comm/shm.py`) is the path gradients take under `comm.algorithm: auto`: a
 bucket that lives in node-shared memory, averaged in place (it includes the division); it
 cannot take an arbitrary buffer, so it is timed on its own bucket of the same size. "mpi" is
@@ -164,6 +166,8 @@ def main() -> int:
     if world.size & (world.size - 1) == 0:
         reducers["mpiml_doubling"] = Allreducer(comm, max_elements, "float32",
                                                 algorithm="doubling", segment_bytes=segment)
+    if world.size > 1 and world.node_comm.Get_size() == world.size:  # one node: any size
+        reducers["mpiml_staged"] = Allreducer(comm, max_elements, "float32", algorithm="staged")
     for text in filter(None, args.ring_segments.split(",")):
         reducers[f"ring@{text}"] = Allreducer(comm, max_elements, "float32", algorithm="ring",
                                               segment_bytes=parse_bytes(text))
@@ -200,6 +204,8 @@ def main() -> int:
             "ratio_vs_mpi": round(medians["mpiml"] / best_mpi, 3),
             "ratio_ring_vs_mpi": round(medians["mpiml_ring"] / best_mpi, 3),
         }
+        if "mpiml_staged" in medians:
+            entry["ratio_staged_vs_mpi"] = round(medians["mpiml_staged"] / best_mpi, 3)
         if "mpiml_shared" in medians:
             entry["ratio_shared_vs_mpi"] = round(medians["mpiml_shared"] / best_mpi, 3)
         if "gloo" in medians:
@@ -237,6 +243,8 @@ def main() -> int:
                 f.write(text + "\n")
     if shared is not None:
         shared.close()
+    for reducer in reducers.values():
+        reducer.close()
     world.close()
     return 0
 

@@ -15,10 +15,16 @@ Algorithms:
   comparison and as a fallback.
 * ``"doubling"``: recursive doubling (`doubling.py`), power-of-two N only: log2(N) swaps of
   the whole buffer. At N = 2 it is one Sendrecv and one add per segment.
-* ``"auto"`` (the default): ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB,
-  measured at N = 2 on the 2-core machine with `scripts/bench_allreduce.py`), ``"ring"`` from
-  there up. With a compressed wire (which MPI cannot add in float32): ``"doubling"`` below the
-  threshold at power-of-two N, else ``"ring"``. Doubling is not chosen for large float32
+* ``"staged"``: every rank of the communicator on one node only: the buffer is summed
+  through two sets of node-shared slots (`staged.py`), plain copies between two barriers, no
+  message at all. At N = 2 on the 2-core machine 0.6-0.8x MPI's time at 256-512 KiB, a tie
+  with MPI and the ring at 1-2 MiB, behind the ring from 4 MiB (figures in `staged.py`).
+* ``"auto"`` (the default): where every rank shares one node, ``"staged"`` from
+  `staged.STAGED_MIN_BYTES` (256 KiB) up to `staged.STAGED_MAX_BYTES` (4 MiB). Otherwise
+  ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core
+  machine with `scripts/bench_allreduce.py`), ``"ring"`` from there up. With a compressed
+  wire (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two
+  N, else ``"ring"``. Doubling is not chosen for large float32
   buffers even at N = 2, where it sends as much as the ring: it adds the whole buffer where
   the ring adds half, and it rewrites every page it has just sent. Where the MPI moves large
   messages by a single copy out of the sender's pages (MPICH's CMA), touching a page again
@@ -47,6 +53,7 @@ Every rank ends with the same bits, for every algorithm and dtype:
   on that owner, before the copy, or on identical bits on every rank.
 * doubling: partners add in one operand order (lower rank's value first), so they hold the
   same bits after every step (see `doubling.py`).
+* staged: as the ring, each share is summed by its owner alone and then only copied.
 * mpi: MPI itself does not promise identical results on all ranks. MPICH's allreduce
   algorithms combine each element once in a fixed tree, or in pairs where a + b == b + a holds
   bitwise (barring two different NaN payloads); `tests/mpi/test_allreduce_mpi.py` checks it
@@ -74,9 +81,10 @@ from mpiml.comm.ring import (
     scratch_length,
     segment_bounds,
 )
+from mpiml.comm.staged import STAGED_MAX_BYTES, STAGED_MIN_BYTES, StagedSum
 from mpiml.errors import CommError
 
-ALGORITHMS = ("auto", "ring", "doubling", "mpi")
+ALGORITHMS = ("auto", "ring", "doubling", "mpi", "staged")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # Measured with scripts/bench_allreduce.py at N=2 on the 2-core machine: MPICH's Allreduce
@@ -140,10 +148,12 @@ class AllreduceConfig:
             raise CommError(
                 f"Allreducer wire={self.wire!r} for dtype={self.dtype!r}: choose one of {allowed}"
             )
-        if self.compressed and self.algorithm == "mpi":
+        if self.compressed and self.algorithm in ("mpi", "staged"):
+            why = ("MPI's Allreduce cannot add 16-bit values in float32" if self.algorithm == "mpi"
+                   else "'staged' sends nothing between ranks that compression could shrink")
             raise CommError(
                 f"Allreducer wire={self.wire!r} (compression) needs algorithm 'ring' or 'auto': "
-                "MPI's Allreduce cannot add 16-bit values in float32"
+                + why
             )
 
     @property
@@ -233,6 +243,9 @@ class Allreducer:
         self._small = (config.small_threshold_bytes if config.algorithm == "auto"
                        else float("inf"))
         self._max = config.max_elements
+        self._staged = self._build_staged(wire_np)
+        if self._staged is not None and config.algorithm == "auto":
+            self._small = min(self._small, STAGED_MIN_BYTES)  # staged beats MPI from there
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, buf: np.ndarray) -> None:
@@ -288,6 +301,8 @@ class Allreducer:
         if self.config.compressed:  # MPI cannot add 16-bit values in float32
             small = nbytes < self.config.small_threshold_bytes and is_power_of_two(self.size)
             return "doubling" if small else "ring"
+        if self._staged is not None and STAGED_MIN_BYTES <= nbytes < STAGED_MAX_BYTES:
+            return "staged"
         if nbytes < self.config.small_threshold_bytes:
             return "mpi"
         return "ring"
@@ -304,6 +319,9 @@ class Allreducer:
             if self.config.average:
                 np.divide(wire, self.size, out=wire)
             return
+        if algorithm == "staged":
+            self._staged(wire, self._wait)
+            return
         if algorithm == "doubling":
             doubling_allreduce(self.comm, wire, self._scratch, self._segment, self._combine,
                                wait=self._wait)
@@ -315,6 +333,26 @@ class Allreducer:
             bounds = self._bounds[wire.size] = segment_bounds(wire.size, self.size, self._segment)
         pipelined_ring_allreduce(self.comm, wire, self._scratch, bounds, self._combine,
                                  wait=self._wait)
+
+    def _build_staged(self, wire: np.dtype) -> StagedSum | None:
+        """Shared slots for "staged", and for "auto" up to `STAGED_MAX_BYTES`, when every rank
+        shares one node (collective; None on every rank otherwise)."""
+        config = self.config
+        if config.algorithm not in ("auto", "staged") or config.compressed or self.size == 1:
+            return None
+        capacity = config.max_elements
+        if config.algorithm == "auto":
+            capacity = min(capacity, (STAGED_MAX_BYTES - 1) // wire.itemsize)
+            if capacity * wire.itemsize < STAGED_MIN_BYTES:
+                return None
+        staged = StagedSum.build(self.comm, capacity, wire, config.average)
+        if staged is None and config.algorithm == "staged":
+            raise CommError(
+                "Allreducer algorithm='staged' needs every rank of the communicator on one node "
+                f"and room in /dev/shm for two slots of {capacity} x {wire} per rank; use "
+                "'auto' (which stages only where it can) or 'ring'"
+            ).agreed()
+        return staged
 
     def _build_combine(self):
         """The per-segment fold for the ring: add (and on the owner's last step, average)."""
@@ -349,8 +387,12 @@ class Allreducer:
 
         return combine_half
 
-    # -- life cycle: nothing to release but memory; `with` works for symmetry ---------------------
+    # -- life cycle: `with` works too -------------------------------------------------------------
     def close(self) -> None:
+        """Release the buffers; collective on `comm` when shared slots were built."""
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
         self._work = self._work_t = None
         self._scratch = np.empty(0, dtype=self._scratch.dtype)
         self._bounds.clear()

@@ -39,14 +39,15 @@ one node no gradient travels, so there is nothing to compress).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpiml.comm.allreduce import DTYPES, Allreducer, as_torch, storage_dtype
 from mpiml.comm.ring import blocking_wait, polling_wait
+from mpiml.comm.staged import SHM_DIR as SHM_DIR  # re-exported: where windows live
+from mpiml.comm.staged import share_bounds
+from mpiml.comm.staged import shm_free_bytes as shm_free_bytes
 from mpiml.errors import CommError
 
 _ALIGN_BYTES = 64  # shares and buckets start on their own cache line
@@ -56,7 +57,6 @@ _SEGMENT_BYTES = 256 << 10  # the owner adds and averages a share this much at a
 # machine the shared path wins from 128 KiB (49 us against MPI's 49-51 us) and loses below
 # (4 KiB: 32 us against 7 us).
 SMALL_BUCKET_BYTES = 128 << 10
-SHM_DIR = "/dev/shm"  # where MPICH and Open MPI back shared windows on Linux
 
 
 def usable(comm: MPI.Comm, node_comm: MPI.Comm) -> bool:
@@ -67,15 +67,6 @@ def usable(comm: MPI.Comm, node_comm: MPI.Comm) -> bool:
     """
     counts = comm.allgather(node_comm.Get_size())
     return counts[0] > 1 and all(c == counts[0] for c in counts)
-
-
-def shm_free_bytes(path: str = SHM_DIR) -> int | None:
-    """Free bytes where shared windows live, or None when that is not a known place."""
-    try:
-        stat = os.statvfs(path)
-    except OSError:
-        return None
-    return stat.f_bavail * stat.f_frsize
 
 
 class SharedBuckets:
@@ -118,7 +109,7 @@ class SharedBuckets:
              (_private(n, dtype) if q == self.local_rank else None)
              for s, n, shared in zip(starts, lengths, self._shared_index, strict=True)]
             for q, peer in enumerate(self._peers)]
-        self._shares = [_share_bounds(n, self.local_size, align) for n in lengths]
+        self._shares = [share_bounds(n, self.local_size, align) for n in lengths]
         self.tensors = [as_torch(b, dtype) for b in self._buckets[self.local_rank]]
         for t in self.tensors:
             t.zero_()
@@ -271,12 +262,6 @@ def _layout(lengths: list[int], align: int) -> tuple[list[int], int]:
         starts.append(total)
         total += -(-n // align) * align
     return starts, total
-
-
-def _share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
-    """`parts` near-equal (start, stop) shares of `length`, cut on multiples of `align`."""
-    cuts = [min(length, (length * j // parts) // align * align) for j in range(parts)] + [length]
-    return [(cuts[j], cuts[j + 1]) for j in range(parts)]
 
 
 def _private(length: int, dtype: str) -> np.ndarray:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from mpiml.comm import staged
 from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.ring import (
     pipelined_ring_allreduce,
@@ -107,8 +109,26 @@ def check(comm, reducer: Allreducer, dtype: str, wire: str | None, length: int,
     assert all(b == everyone_bytes[0] for b in everyone_bytes), f"{where}: ranks differ"
 
 
+_made: list[Allreducer] = []
+
+
+def build(comm, *args, **kwargs) -> Allreducer:
+    """An Allreducer that `close_reducers` frees after the test (shared slots are a window,
+    and freeing a window is collective)."""
+    made = Allreducer(comm, *args, **kwargs)
+    _made.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def close_reducers():
+    yield
+    while _made:  # newest first, the same order on every rank
+        _made.pop().close()
+
+
 CASES = [  # (algorithm, dtype, wire)
-    *[(alg, dt, None) for alg in ("ring", "doubling", "mpi", "auto")
+    *[(alg, dt, None) for alg in ("ring", "doubling", "mpi", "auto", "staged")
       for dt in ("float32", "float64", "float16", "bfloat16")],
     *[(alg, dt, dt) for alg in ("ring", "doubling", "auto") for dt in ("float16", "bfloat16")],
     *[(alg, "float32", w) for alg in ("ring", "doubling", "auto") for w in ("float16", "bfloat16")],
@@ -122,8 +142,8 @@ def test_matches_float64_sum_and_is_identical_everywhere(comm, algorithm, dtype,
         with pytest.raises(CommError, match="power-of-two"):
             Allreducer(comm, 10, dtype, algorithm=algorithm, wire=wire)
         return
-    big = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire)
-    tiny = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire,
+    big = build(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire)
+    tiny = build(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire,
                       segment_bytes=TINY_SEGMENT, small_threshold_bytes=0)
     for length in lengths(size):
         check(comm, big, dtype, wire, length)
@@ -131,25 +151,26 @@ def test_matches_float64_sum_and_is_identical_everywhere(comm, algorithm, dtype,
             check(comm, tiny, dtype, wire, length)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi", "staged"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_average(comm, algorithm, dtype):
-    reducer = Allreducer(comm, 5000, dtype, algorithm=algorithm, average=True,
+    reducer = build(comm, 5000, dtype, algorithm=algorithm, average=True,
                          segment_bytes=TINY_SEGMENT * 16)
     for length in (1, comm.Get_size() + 1, 4099):
         check(comm, reducer, dtype, None, length, average=True)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "ring", "doubling", "mpi"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "doubling", "mpi", "staged"])
 @pytest.mark.parametrize("dtype,wire", [("float32", None), ("float64", None),
                                         ("bfloat16", None), ("float32", "float16")])
 def test_polling_waits_give_the_same_result(comm, algorithm, dtype, wire):
     """The communication thread's mode: test-and-sleep waits, Iallreduce on the MPI path."""
     size = comm.Get_size()
-    if (algorithm == "doubling" and size & (size - 1)) or (algorithm == "mpi" and wire):
+    if (algorithm == "doubling" and size & (size - 1)) or (algorithm in ("mpi", "staged")
+                                                          and wire):
         pytest.skip("combination rejected at construction (tested above)")
-    reducer = Allreducer(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire, polling=True)
-    tiny = Allreducer(comm, 5000, dtype, algorithm=algorithm, wire=wire, polling=True,
+    reducer = build(comm, 1_000_003, dtype, algorithm=algorithm, wire=wire, polling=True)
+    tiny = build(comm, 5000, dtype, algorithm=algorithm, wire=wire, polling=True,
                       segment_bytes=TINY_SEGMENT, small_threshold_bytes=0, average=True)
     for length in lengths(size):
         check(comm, reducer, dtype, wire, length)
@@ -158,7 +179,7 @@ def test_polling_waits_give_the_same_result(comm, algorithm, dtype, wire):
 
 
 def test_bfloat16_bits_may_be_uint16(comm):
-    reducer = Allreducer(comm, 100, "bfloat16", algorithm="ring")
+    reducer = build(comm, 100, "bfloat16", algorithm="ring")
     buf = to_buffer(inputs(comm.Get_rank(), 100, "bfloat16"), "bfloat16").view(np.uint16)
     reducer(buf)
     expected = sum(inputs(r, 100, "bfloat16") for r in range(comm.Get_size()))
@@ -178,13 +199,15 @@ def test_pipelined_ring_other_windows(comm, window):
         np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "ring"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "staged"])
 @pytest.mark.parametrize("dtype,wire", [("float32", None), ("bfloat16", None),
                                         ("float16", "float16"), ("float32", "bfloat16")])
 def test_hot_path_allocates_no_array(comm, algorithm, dtype, wire):
     """After a first call, a call on a 4 MB buffer allocates under 64 KiB in Python/numpy."""
+    if algorithm == "staged" and wire:
+        pytest.skip("compression is rejected for 'staged' (tested below)")
     n = 1_000_003
-    reducer = Allreducer(comm, n, dtype, algorithm=algorithm, wire=wire)
+    reducer = build(comm, n, dtype, algorithm=algorithm, wire=wire)
     buf = to_buffer(inputs(comm.Get_rank(), n, dtype), dtype)
     reducer(buf)  # first call caches the segment layout for this length
     tracemalloc.start()
@@ -199,7 +222,7 @@ def test_hot_path_allocates_no_array(comm, algorithm, dtype, wire):
 
 
 def test_misuse_is_an_error(comm):
-    reducer = Allreducer(comm, 10, "float32")
+    reducer = build(comm, 10, "float32")
     with pytest.raises(CommError, match="max_elements"):
         reducer(np.zeros(11, dtype=np.float32))
     with pytest.raises(CommError, match="float64"):
@@ -210,6 +233,8 @@ def test_misuse_is_an_error(comm):
         Allreducer(comm, 10, "float64", wire="float16")
     with pytest.raises(CommError, match="compression"):
         Allreducer(comm, 10, "float16", algorithm="mpi", wire="float16")
+    with pytest.raises(CommError, match="compression.*'staged' sends nothing"):
+        Allreducer(comm, 10, "float32", algorithm="staged", wire="bfloat16")
 
 
 def test_ranks_configured_differently_fail_together(comm):
@@ -217,3 +242,43 @@ def test_ranks_configured_differently_fail_together(comm):
         pytest.skip("needs two ranks to disagree")
     with pytest.raises(CommError, match="rank 0"):
         Allreducer(comm, 10 + comm.Get_rank(), "float32")
+
+
+def test_auto_stages_mid_sizes_on_one_node(comm):
+    """On one node "auto" takes the shared slots from 256 KiB up to 4 MiB, MPI below and the
+    ring above; summing there matches the oracle and is identical on every rank."""
+    size = comm.Get_size()
+    reducer = build(comm, (8 << 20) // 4, "float32")
+    staged_from, ring_from = staged.STAGED_MIN_BYTES, staged.STAGED_MAX_BYTES
+    got = [reducer.algorithm_for(n) for n in (staged_from - 4, staged_from, ring_from - 4,
+                                              ring_from)]
+    if size == 1:
+        assert reducer._staged is None
+        return
+    assert got == ["mpi", "staged", "staged", "ring"]
+    for length in (staged_from // 4, 1_000_003):
+        check(comm, reducer, "float32", None, length)
+
+
+def test_staged_calls_back_to_back_with_uneven_ranks(comm):
+    """The two slot sets let a rank start its next call while a peer still copies out of the
+    last: with one rank late in turn, every call's sum is still right on every rank."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    reducer = build(comm, 300_012, "float64", algorithm="staged", average=True)
+    for call in range(12):
+        if rank == call % size:
+            time.sleep(0.01)
+        check(comm, reducer, "float64", None, (1000, 300_001, 77)[call % 3] + call,
+              average=True)
+
+
+def test_staged_without_room_in_dev_shm(comm, monkeypatch):
+    """No room for the slots: "auto" keeps MPI and the ring, "staged" is an error on every rank
+    that says what to use instead."""
+    monkeypatch.setattr(staged, "shm_free_bytes", lambda path=staged.SHM_DIR: 0)
+    reducer = build(comm, 1 << 20, "float32")
+    assert reducer.algorithm_for(1 << 20) == "ring"
+    check(comm, reducer, "float32", None, 1 << 18)
+    if comm.Get_size() > 1:
+        with pytest.raises(CommError, match="one node.*/dev/shm.*'auto'"):
+            Allreducer(comm, 1 << 20, "float32", algorithm="staged")

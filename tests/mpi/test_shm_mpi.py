@@ -33,10 +33,9 @@ from mpiml.comm import World, shm
 from mpiml.comm.shm import (
     SMALL_BUCKET_BYTES,
     SharedBuckets,
-    _share_bounds,
-    shm_free_bytes,
     usable,
 )
+from mpiml.comm.staged import share_bounds, shm_free_bytes
 from mpiml.comm.sync import GradSync
 from mpiml.errors import CommError
 
@@ -182,7 +181,7 @@ def test_share_bounds_cover_the_bucket_in_aligned_near_equal_shares():
     for length in [*range(70), 1001, 300_007]:
         for parts in (1, 2, 3, 4, 7):
             for align in (1, 8, 16, 32):
-                bounds = _share_bounds(length, parts, align)
+                bounds = share_bounds(length, parts, align)
                 where = f"length {length}, {parts} parts, align {align}: {bounds}"
                 assert len(bounds) == parts, where
                 assert bounds[0][0] == 0 and bounds[-1][1] == length, where
