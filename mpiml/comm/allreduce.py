@@ -17,12 +17,14 @@ Algorithms:
   the whole buffer. At N = 2 it is one Sendrecv and one add per segment.
 * ``"staged"``: every rank of the communicator on one node only: the buffer is summed
   through two sets of node-shared slots (`staged.py`), plain copies between two barriers, no
-  message at all. At N = 2 on the 2-core machine 0.6-0.8x MPI's time at 256-512 KiB, a tie
-  with MPI and the ring at 1-2 MiB, behind the ring from 4 MiB (figures in `staged.py`).
+  message at all. At N = 2 on the 2-core machine 0.6-0.9x MPI's time at 256-512 KiB; from
+  1 MiB ahead of the ring or behind it depending on the machine's state (see `_Tuner`).
 * ``"auto"`` (the default): where every rank shares one node, ``"staged"`` from
-  `staged.STAGED_MIN_BYTES` (256 KiB) up to `staged.STAGED_MAX_BYTES` (4 MiB). Otherwise
-  ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core
-  machine with `scripts/bench_allreduce.py`), ``"ring"`` from there up. With a compressed
+  `staged.STAGED_MIN_BYTES` (256 KiB), and from 1 MiB up to `staged.STAGED_MAX_BYTES`
+  (16 MiB, less with many ranks per node) whichever of ``"staged"`` and ``"ring"`` the
+  `_Tuner` times faster on this machine, now. Otherwise ``"mpi"`` for buffers under
+  `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core machine with
+  `scripts/bench_allreduce.py`), ``"ring"`` from there up. With a compressed
   wire (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two
   N, else ``"ring"``. Doubling is not chosen for large float32
   buffers even at N = 2, where it sends as much as the ring: it adds the whole buffer where
@@ -66,7 +68,10 @@ reducer (one small allgather), calls do not (that would cost a collective each).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -81,7 +86,13 @@ from mpiml.comm.ring import (
     scratch_length,
     segment_bounds,
 )
-from mpiml.comm.staged import STAGED_MAX_BYTES, STAGED_MIN_BYTES, StagedSum
+from mpiml.comm.staged import (
+    NODE_BUDGET_BYTES,
+    STAGED_MAX_BYTES,
+    STAGED_MIN_BYTES,
+    TUNED_MIN_BYTES,
+    StagedSum,
+)
 from mpiml.errors import CommError
 
 ALGORITHMS = ("auto", "ring", "doubling", "mpi", "staged")
@@ -169,6 +180,60 @@ class AllreduceConfig:
         return self.wire_dtype in _HALF
 
 
+@dataclass
+class _Tuner:
+    """Which of "staged" and "ring" sums a size class faster, timed where it runs.
+
+    Why not a fixed threshold: on one node the two trade places with the machine's state. At
+    N = 2 on the 2-core machine (four runs of `scripts/bench_allreduce.py`, time over MPI's):
+    in two, staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB against the ring's
+    0.95-1.06 and 0.75-0.90; in the other two, where every kernel-mediated copy ran slow,
+    staged 0.49-0.76 at 1-2 MiB and 0.63-1.22 at 4-16 MiB against the ring's 1.00-1.06 and
+    0.86-1.12. So per power-of-two size class, the first 2 x `trials` calls alternate the two,
+    every rank's median per algorithm is combined (the slowest rank's, one small allreduce:
+    every rank reaches it at the same call, as calls come in the same order everywhere), and
+    the faster runs until `every` calls later the class is timed again.
+    """
+
+    trials: int = 4  # calls of each algorithm per round
+    every: int = 256  # calls between rounds
+    state: dict[int, list] = field(default_factory=dict)  # class -> [calls, choice, times]
+
+    def _entry(self, nbytes: int) -> list:
+        entry = self.state.get(nbytes.bit_length())
+        if entry is None:
+            entry = self.state[nbytes.bit_length()] = [0, None, {"staged": [], "ring": []}]
+        return entry
+
+    def choice(self, nbytes: int) -> str:
+        """What this class runs once timed ("staged" until then)."""
+        return self._entry(nbytes)[1] or "staged"
+
+    def next(self, nbytes: int) -> str:
+        """The algorithm of this call: alternating during a round, else the choice."""
+        calls, choice, _ = self._entry(nbytes)
+        if choice is None or calls % self.every < 2 * self.trials:
+            return ("staged", "ring")[calls % 2]
+        return choice
+
+    def record(self, nbytes: int, algorithm: str, seconds: float,
+               agree: Callable[[np.ndarray], None]) -> None:
+        """Count the call; at the end of a round agree with every rank on the faster."""
+        entry = self._entry(nbytes)
+        calls, _, times = entry
+        entry[0] = calls + 1
+        if entry[1] is not None and calls % self.every >= 2 * self.trials:
+            return
+        times[algorithm].append(seconds)
+        if calls % self.every == 2 * self.trials - 1:
+            medians = np.array([statistics.median(times["staged"]),
+                                statistics.median(times["ring"])])
+            agree(medians)
+            entry[1] = "staged" if medians[0] <= medians[1] else "ring"
+            times["staged"].clear()
+            times["ring"].clear()
+
+
 class Allreducer:
     """Sum (or average) flat buffers across all ranks of `comm`, in place.
 
@@ -244,8 +309,12 @@ class Allreducer:
                        else float("inf"))
         self._max = config.max_elements
         self._staged = self._build_staged(wire_np)
+        self._staged_bytes = 0  # "auto" stages buffers from STAGED_MIN_BYTES up to this
+        self._tuner: _Tuner | None = None
         if self._staged is not None and config.algorithm == "auto":
             self._small = min(self._small, STAGED_MIN_BYTES)  # staged beats MPI from there
+            self._staged_bytes = self._staged.capacity * wire_np.itemsize
+            self._tuner = _Tuner()
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, buf: np.ndarray) -> None:
@@ -301,8 +370,8 @@ class Allreducer:
         if self.config.compressed:  # MPI cannot add 16-bit values in float32
             small = nbytes < self.config.small_threshold_bytes and is_power_of_two(self.size)
             return "doubling" if small else "ring"
-        if self._staged is not None and STAGED_MIN_BYTES <= nbytes < STAGED_MAX_BYTES:
-            return "staged"
+        if STAGED_MIN_BYTES <= nbytes <= self._staged_bytes:
+            return self._tuner.choice(nbytes) if nbytes >= TUNED_MIN_BYTES else "staged"
         if nbytes < self.config.small_threshold_bytes:
             return "mpi"
         return "ring"
@@ -310,7 +379,23 @@ class Allreducer:
     # -- internals ------------------------------------------------------------------------------
     def _reduce(self, wire: np.ndarray) -> None:
         """Reduce `wire` (already in the wire type) in place with the chosen algorithm."""
-        algorithm = self.algorithm_for(wire.nbytes)
+        nbytes = wire.nbytes
+        if self._tuner is not None and TUNED_MIN_BYTES <= nbytes <= self._staged_bytes:
+            algorithm = self._tuner.next(nbytes)
+            start = time.perf_counter()
+            self._run(algorithm, wire)
+            self._tuner.record(nbytes, algorithm, time.perf_counter() - start, self._agree)
+            return
+        self._run(self.algorithm_for(nbytes), wire)
+
+    def _agree(self, times: np.ndarray) -> None:
+        """Every rank's largest value of `times`, in place (the tuner's one collective)."""
+        if self._wait is polling_wait:
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, times, op=MPI.MAX))
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+
+    def _run(self, algorithm: str, wire: np.ndarray) -> None:
         if algorithm == "mpi":
             if self._wait is polling_wait:
                 self._wait(self.comm.Iallreduce(MPI.IN_PLACE, wire, op=MPI.SUM))
@@ -340,12 +425,13 @@ class Allreducer:
         config = self.config
         if config.algorithm not in ("auto", "staged") or config.compressed or self.size == 1:
             return None
-        capacity = config.max_elements
+        capacity, budget, least = config.max_elements, None, 1
         if config.algorithm == "auto":
-            capacity = min(capacity, (STAGED_MAX_BYTES - 1) // wire.itemsize)
-            if capacity * wire.itemsize < STAGED_MIN_BYTES:
+            capacity = min(capacity, STAGED_MAX_BYTES // wire.itemsize)
+            budget, least = NODE_BUDGET_BYTES, STAGED_MIN_BYTES // wire.itemsize
+            if capacity < least:
                 return None
-        staged = StagedSum.build(self.comm, capacity, wire, config.average)
+        staged = StagedSum.build(self.comm, capacity, wire, config.average, budget, least)
         if staged is None and config.algorithm == "staged":
             raise CommError(
                 "Allreducer algorithm='staged' needs every rank of the communicator on one node "

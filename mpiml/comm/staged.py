@@ -5,14 +5,16 @@ path) or through shared cells, with a handshake per message; the ring pays that 
 When every rank of the communicator shares one node, each rank can instead copy the parts of
 its buffer that others own into a shared slot of its own, sum the share it owns straight out of
 its peers' slots, publish that sum, and copy the other sums back: plain memory copies between
-two barriers, and no kernel call. It moves more bytes than the ring (about 4.5 buffer sizes
-per rank at N = 2 against 3.5), so it wins while the per-message cost of the kernel path
-dominates and loses once the bytes do. At N = 2 on the 2-core machine
-(`scripts/bench_allreduce.py --repeats 41 --no-gloo`, six runs, time over MPI's
-`Allreduce`): 0.61-0.71 at 256 KiB and 0.60-0.76 at 512 KiB (the ring 1.03-1.30); at 1 and
-2 MiB a tie, 0.91-1.22 and 0.84-1.15 (the ring 0.97-1.08 and 0.83-1.09 in the same runs); at
-4 MiB 1.00-1.07 against the ring's 0.80-0.88. Hence `STAGED_MIN_BYTES` and
-`STAGED_MAX_BYTES`; MPI's own call stays faster below (64 KiB: 1.12).
+two barriers, and no kernel call. It moves more bytes than the ring (about 4.5 buffer sizes per
+rank at N = 2 against 3.5), so it wins while the per-message cost of the kernel path dominates
+and loses once the bytes do, and where that happens moves with the machine's state. At N = 2 on
+the 2-core machine (`scripts/bench_allreduce.py --repeats 41 --no-gloo`, time over MPI's
+`Allreduce`): 0.60-0.92 at 256-512 KiB in 17 of 18 runs and 1.18 in one (the ring 0.99-1.32;
+MPI's own call faster below: 1.08-1.48 at 64 KiB). From 1 MiB it depends on the run: in some,
+staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB, the ring 0.95-1.06 and 0.75-0.90; in
+runs where every copy through the kernel was slow, staged 0.49-0.76 and 0.63-1.22, the ring
+1.00-1.06 and 0.86-1.12. So `Allreducer`'s "auto" stages from `STAGED_MIN_BYTES` and, from
+`TUNED_MIN_BYTES` to `STAGED_MAX_BYTES`, times the two against each other (`allreduce._Tuner`).
 
 One call, L local ranks (here: all of them), a buffer cut into L shares s0..s{L-1}::
 
@@ -38,10 +40,14 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
-# The range of buffer sizes (bytes, in the type that is summed) for which `Allreducer`'s
-# "auto" stages through shared memory on one node; see the module docstring for the figures.
+# The buffer sizes (bytes, in the type that is summed) for which `Allreducer`'s "auto" stages
+# through shared memory on one node: always from STAGED_MIN_BYTES, and from TUNED_MIN_BYTES up
+# to STAGED_MAX_BYTES only where `Tuner` times it faster than the ring. See the module
+# docstring for the figures.
 STAGED_MIN_BYTES = 256 << 10
-STAGED_MAX_BYTES = 4 << 20
+TUNED_MIN_BYTES = 1 << 20
+STAGED_MAX_BYTES = 16 << 20
+NODE_BUDGET_BYTES = 256 << 20  # at most this much /dev/shm per node for "auto"'s slots
 _ALIGN_BYTES = 64  # shares start on their own cache line
 _SEGMENT_BYTES = 256 << 10  # the owner sums and publishes its share this much at a time (L2)
 _BOUNDS_CACHE = 32  # buffer lengths whose share layout we remember
@@ -89,13 +95,18 @@ class StagedSum:
         self._bounds: dict[int, list[tuple[int, int]]] = {}
 
     @classmethod
-    def build(cls, comm: MPI.Comm, capacity: int, dtype: np.dtype,
-              average: bool = False) -> StagedSum | None:
-        """A StagedSum on every rank, or None on every rank (collective on `comm`)."""
+    def build(cls, comm: MPI.Comm, capacity: int, dtype: np.dtype, average: bool = False,
+              budget: int | None = None, min_capacity: int = 1) -> StagedSum | None:
+        """A StagedSum on every rank, or None on every rank (collective on `comm`).
+
+        `budget` caps the bytes of the node's slots, so `capacity` shrinks as the ranks per
+        node grow; below `min_capacity` elements staging is not worth its window."""
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        if budget is not None:
+            capacity = min(capacity, budget // (2 * dtype.itemsize * node.Get_size()))
         free = shm_free_bytes()
         need = 2 * capacity * dtype.itemsize * node.Get_size()  # the node's two slot sets
-        ok = (node.Get_size() == comm.Get_size() > 1 and capacity > 0
+        ok = (node.Get_size() == comm.Get_size() > 1 and capacity >= max(min_capacity, 1)
               and (free is None or need < free // 2))
         if not comm.allreduce(ok, op=MPI.LAND):
             node.Free()

@@ -245,19 +245,48 @@ def test_ranks_configured_differently_fail_together(comm):
 
 
 def test_auto_stages_mid_sizes_on_one_node(comm):
-    """On one node "auto" takes the shared slots from 256 KiB up to 4 MiB, MPI below and the
-    ring above; summing there matches the oracle and is identical on every rank."""
+    """On one node "auto" stages from 256 KiB, times staged against the ring from 1 MiB to
+    16 MiB and keeps the faster, the same choice on every rank; MPI below, the ring above.
+    Every call matches the oracle and is identical on every rank, whichever algorithm ran."""
     size = comm.Get_size()
-    reducer = build(comm, (8 << 20) // 4, "float32")
-    staged_from, ring_from = staged.STAGED_MIN_BYTES, staged.STAGED_MAX_BYTES
-    got = [reducer.algorithm_for(n) for n in (staged_from - 4, staged_from, ring_from - 4,
-                                              ring_from)]
+    reducer = build(comm, (16 << 20) // 4 + 1, "float32")
+    low, tuned, high = staged.STAGED_MIN_BYTES, staged.TUNED_MIN_BYTES, staged.STAGED_MAX_BYTES
     if size == 1:
         assert reducer._staged is None
         return
+    got = [reducer.algorithm_for(n) for n in (low - 4, low, tuned - 4, high + 4)]
     assert got == ["mpi", "staged", "staged", "ring"]
-    for length in (staged_from // 4, 1_000_003):
-        check(comm, reducer, "float32", None, length)
+    trials = reducer._tuner.trials
+    for call in range(2 * trials + 2):  # one round, then two calls of the choice
+        check(comm, reducer, "float32", None, tuned // 4 + 1 + call % 3)
+    choices = comm.allgather(reducer.algorithm_for(tuned))
+    assert choices[0] in ("staged", "ring") and choices == [choices[0]] * size, choices
+
+
+def test_tuner_alternates_then_keeps_the_faster_and_times_again():
+    """No MPI needed: the schedule, the agreement hook and the choice it makes."""
+    from mpiml.comm.allreduce import _Tuner
+
+    tuner = _Tuner(trials=2, every=8)
+    agreed = []
+    seconds = {"staged": 2.0, "ring": 1.0}  # the ring is faster at first
+
+    def agree(times):
+        agreed.append(times.copy())
+
+    ran = []
+    for call in range(12):
+        algorithm = tuner.next(1 << 20)
+        ran.append(algorithm)
+        if call == 8:
+            seconds = {"staged": 0.5, "ring": 1.0}  # the machine changes
+        tuner.record(1 << 20, algorithm, seconds[algorithm], agree)
+    assert ran[:4] == ["staged", "ring", "staged", "ring"]  # round 1
+    assert ran[4:8] == ["ring"] * 4  # the faster
+    assert ran[8:12] == ["staged", "ring", "staged", "ring"]  # round 2, `every` calls after
+    assert [list(a) for a in agreed] == [[2.0, 1.0], [0.5, 1.0]]
+    assert tuner.choice(1 << 20) == "staged"
+    assert tuner.choice(4 << 20) == "staged"  # another size class, not timed yet
 
 
 def test_staged_calls_back_to_back_with_uneven_ranks(comm):
