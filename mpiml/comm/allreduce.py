@@ -190,12 +190,13 @@ class _Tuner:
     0.95-1.06 and 0.75-0.90; in the other two, where every kernel-mediated copy ran slow,
     staged 0.49-0.76 at 1-2 MiB and 0.63-1.22 at 4-16 MiB against the ring's 1.00-1.06 and
     0.86-1.12. So per power-of-two size class, the first 2 x `trials` calls alternate the two,
-    every rank's median per algorithm is combined (the slowest rank's, one small allreduce:
+    every rank's median per algorithm (the first call of each left out: it pays for what the
+    other left in the caches) is combined (the slowest rank's, one small allreduce:
     every rank reaches it at the same call, as calls come in the same order everywhere), and
     the faster runs until `every` calls later the class is timed again.
     """
 
-    trials: int = 4  # calls of each algorithm per round
+    trials: int = 5  # calls of each algorithm per round; the first of each is not counted
     every: int = 256  # calls between rounds
     state: dict[int, list] = field(default_factory=dict)  # class -> [calls, choice, times]
 
@@ -226,8 +227,8 @@ class _Tuner:
             return
         times[algorithm].append(seconds)
         if calls % self.every == 2 * self.trials - 1:
-            medians = np.array([statistics.median(times["staged"]),
-                                statistics.median(times["ring"])])
+            medians = np.array([statistics.median(times["staged"][1:]),
+                                statistics.median(times["ring"][1:])])
             agree(medians)
             entry[1] = "staged" if medians[0] <= medians[1] else "ring"
             times["staged"].clear()

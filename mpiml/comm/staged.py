@@ -89,6 +89,14 @@ class StagedSum:
         peers = [np.frombuffer(self.win.Shared_query(q)[0], dtype=dtype, count=2 * capacity)
                  for q in range(self.size)]
         self._sets = [[p[:capacity] for p in peers], [p[capacity:] for p in peers]]
+        # Fault every page in now, not in the first calls (which a tuner times): one write per
+        # page of our slots, then one read per page of every peer's.
+        page = max(1, 4096 // dtype.itemsize)
+        peers[self.rank][::page] = 0
+        node.Barrier()
+        for q, peer in enumerate(peers):
+            if q != self.rank:
+                peer[::page].sum()
         self._turn = 0
         self._align = max(1, _ALIGN_BYTES // dtype.itemsize)
         self._segment = max(1, _SEGMENT_BYTES // dtype.itemsize)
