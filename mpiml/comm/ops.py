@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.ring import blocking_wait
+from mpiml.comm.staged import STAGED_MIN_BYTES
 from mpiml.errors import CommError
 
 # Reduction operators, numbered as Horovod numbers them (ReduceOp in horovod/common).
@@ -43,7 +44,9 @@ REDUCIBLE = frozenset(DTYPES[:-1])
 _HALF = (torch.float16, torch.bfloat16)
 _RING_KIND = {torch.float32: "float32", torch.float64: "float64"}
 ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPES}
-RING_THRESHOLD_BYTES = 1 << 20  # below this MPI's own Allreduce wins (see allreduce.py)
+# From here float sums go to an `Allreducer` (on one node it stages them through shared slots,
+# faster than MPI's own call from 256 KiB; elsewhere it calls MPI itself below 1 MiB).
+REDUCER_THRESHOLD_BYTES = STAGED_MIN_BYTES
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -187,7 +190,7 @@ def _sum_or_reduce(comm: MPI.Comm, flat: torch.Tensor, op: int,
                    reducers: ReducerCache | None, wait: Callable[[MPI.Request], None]) -> None:
     """Reduce a flat float32/float64/integer tensor in place across `comm`.
 
-    Below the ring threshold this is MPI's nonblocking Iallreduce, finished by `wait`: a
+    Below `REDUCER_THRESHOLD_BYTES` this is MPI's nonblocking Iallreduce, finished by `wait`: a
     communication thread that shares its core with backward passes a polling wait that
     sleeps instead of spinning (`ring.polling_wait`). Nonblocking on every rank either way,
     since MPI never matches a blocking collective with a nonblocking one.
@@ -196,7 +199,7 @@ def _sum_or_reduce(comm: MPI.Comm, flat: torch.Tensor, op: int,
         return
     nbytes = flat.numel() * flat.element_size()
     if (op in (SUM, AVERAGE) and flat.dtype in _RING_KIND and reducers is not None
-            and nbytes >= RING_THRESHOLD_BYTES):
+            and nbytes >= REDUCER_THRESHOLD_BYTES):
         reducers.get(flat.dtype, flat.numel())(as_numpy(flat))
         return
     wait(comm.Iallreduce(MPI.IN_PLACE, as_numpy(flat), op=_MPI_OP[op]))

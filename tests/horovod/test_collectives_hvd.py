@@ -57,6 +57,18 @@ def test_prescale_and_postscale(dtype, size):
         assert_matches(got, reduce_oracle(inputs, op, 0.5, 3.0), dtype)
 
 
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (70_001,)),   # 560 KB: staged
+                                         (torch.float32, (300, 1001))])  # 1.2 MB: tuned
+def test_large_float_allreduce_through_mpimls_allreducer(dtype, shape):
+    """Float buffers from 256 KiB go through an `Allreducer` (staged, or timed against the
+    ring): a dozen calls, past its tuning round, each against the oracle."""
+    for call in range(12):
+        inputs = all_inputs(hvd.size(), shape, dtype, seed=100 + call)
+        op = ("Sum", "Average")[call % 2]
+        assert_matches(hvd.allreduce(inputs[hvd.rank()], op=OPS[op]),
+                       reduce_oracle(inputs, op), dtype)
+
+
 def test_integer_average_truncates_toward_zero_as_horovod():
     n, r = hvd.size(), hvd.rank()
     mine = torch.tensor([r + 1, -(r + 1), 7 * r, 0], dtype=torch.int64)
