@@ -645,15 +645,18 @@ class Engine:
         """Finish queued work, agree with every rank that the job is shutting down, free all."""
         if self._closed:
             return
+        agreed = False
         try:
             self.run(Shutdown())
+            agreed = True
         finally:
             self._closed = True
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread.join()
                 self._thread = None
-            self.reducers.close()
+            if agreed:  # freeing shared slots is collective: only once every rank is here
+                self.reducers.close()
             if not MPI.Is_finalized():
                 self.comm.Free()
 

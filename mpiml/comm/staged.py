@@ -42,7 +42,7 @@ from mpi4py import MPI
 
 # The buffer sizes (bytes, in the type that is summed) for which `Allreducer`'s "auto" stages
 # through shared memory on one node: always from STAGED_MIN_BYTES, and from TUNED_MIN_BYTES up
-# to STAGED_MAX_BYTES only where `Tuner` times it faster than the ring. See the module
+# to STAGED_MAX_BYTES only where `allreduce._Tuner` times it faster than the ring. See the module
 # docstring for the figures.
 STAGED_MIN_BYTES = 256 << 10
 TUNED_MIN_BYTES = 1 << 20
