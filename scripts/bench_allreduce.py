@@ -51,7 +51,11 @@ from mpiml.comm.shm import SharedBuckets
 from mpiml.comm.world import build_world, run_or_abort
 
 DEFAULT_SIZES = [4 << 10 << k for k in range(15)]  # 4 KiB .. 64 MiB, powers of two
-WARMUP = 3
+# Untimed calls per candidate and size, as in OSU's and nccl-tests' warm-up iterations: more
+# than the Allreducer's tuning round (up to 3 algorithms x 5 calls per size class, see
+# `allreduce._Tuner`), so what is timed is how each candidate runs once settled, as in a job
+# that repeats a size thousands of times (the tuner re-times every 256 calls).
+WARMUP = 16
 
 
 def parse_bytes(text: str) -> int:

@@ -20,14 +20,14 @@ Algorithms:
   message at all. At N = 2 on the 2-core machine 0.6-0.9x MPI's time at 256-512 KiB; from
   1 MiB ahead of the ring or behind it depending on the machine's state (see `_Tuner`).
 * ``"auto"`` (the default): where every rank shares one node, ``"staged"`` from
-  `staged.STAGED_MIN_BYTES` (256 KiB), and from 1 MiB up to `staged.STAGED_MAX_BYTES`
-  (16 MiB, less with many ranks per node) whichever of ``"staged"`` and ``"ring"`` the
-  `_Tuner` times faster on this machine, now. Otherwise ``"mpi"`` for buffers under
-  `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core machine with
-  `scripts/bench_allreduce.py`), ``"ring"`` from there up. With a compressed
-  wire (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two
-  N, else ``"ring"``. Doubling is not chosen for large float32
-  buffers even at N = 2, where it sends as much as the ring: it adds the whole buffer where
+  `staged.STAGED_MIN_BYTES` (256 KiB), and from 1 MiB up to `staged.STAGED_MAX_BYTES` (16 MiB,
+  less with many ranks per node) whichever of ``"staged"`` and ``"ring"`` (and at 1 MiB, at
+  power-of-two N, ``"doubling"``) the `_Tuner` times fastest on this machine, now. Otherwise
+  ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core
+  machine with `scripts/bench_allreduce.py`), ``"ring"`` from there up. With a compressed wire
+  (which MPI cannot add in float32): ``"doubling"`` below the threshold at power-of-two N, else
+  ``"ring"``. Doubling is no fixed choice for large float32 buffers even at N = 2 (the tuner
+  times it at 1 MiB only), where it sends as much as the ring: it adds the whole buffer where
   the ring adds half, and it rewrites every page it has just sent. Where the MPI moves large
   messages by a single copy out of the sender's pages (MPICH's CMA), touching a page again
   after a peer read it can cost a page fault: on the 2-core machine, in about one run in three,
@@ -182,28 +182,37 @@ class AllreduceConfig:
 
 @dataclass
 class _Tuner:
-    """Which of "staged" and "ring" sums a size class faster, timed where it runs.
+    """Which of our algorithms sums a size class fastest, timed where it runs.
 
-    Why not a fixed threshold: on one node the two trade places with the machine's state. At
-    N = 2 on the 2-core machine (four runs of `scripts/bench_allreduce.py`, time over MPI's):
-    in two, staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB against the ring's
-    0.95-1.06 and 0.75-0.90; in the other two, where every kernel-mediated copy ran slow,
-    staged 0.49-0.76 at 1-2 MiB and 0.63-1.22 at 4-16 MiB against the ring's 1.00-1.06 and
-    0.86-1.12. So per power-of-two size class, the first 2 x `trials` calls alternate the two,
-    every rank's median per algorithm (the first call of each left out: it pays for what the
-    other left in the caches) is combined (the slowest rank's, one small allreduce:
-    every rank reaches it at the same call, as calls come in the same order everywhere), and
-    the faster runs until `every` calls later the class is timed again.
+    Why not a fixed threshold: on one node they trade places with the machine's state. At
+    N = 2 on the 2-core machine (14 runs of `scripts/bench_allreduce.py`, time over MPI's):
+    in most, staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB against the ring's
+    0.95-1.06 and 0.75-0.90; in two, where every kernel-mediated copy ran slow, staged
+    0.49-0.76 and 0.63-1.22 against the ring's 1.00-1.06 and 0.86-1.12. At 1 MiB recursive
+    doubling (one message each way instead of two) took 0.84-1.02 in the fast runs and
+    2.3-2.6 in the slow ones. So per power-of-two size class, the first `trials` calls of each
+    candidate run in turn; every rank's median per candidate (the first call of each left
+    out: it pays for what the others left in the caches) is combined, the slowest rank's
+    counting (one small allreduce, which every rank reaches at the same call, as calls come
+    in the same order everywhere); the fastest runs until `every` calls later the class is
+    timed again. Doubling is a candidate (power-of-two N only) below `doubling_below` bytes.
     """
 
-    trials: int = 5  # calls of each algorithm per round; the first of each is not counted
+    doubling_below: int = 0
+    trials: int = 5  # calls of each candidate per round; the first of each is not counted
     every: int = 256  # calls between rounds
     state: dict[int, list] = field(default_factory=dict)  # class -> [calls, choice, times]
+
+    def candidates(self, nbytes: int) -> tuple[str, ...]:
+        if nbytes < self.doubling_below:
+            return ("staged", "ring", "doubling")
+        return ("staged", "ring")
 
     def _entry(self, nbytes: int) -> list:
         entry = self.state.get(nbytes.bit_length())
         if entry is None:
-            entry = self.state[nbytes.bit_length()] = [0, None, {"staged": [], "ring": []}]
+            times = {name: [] for name in self.candidates(nbytes)}
+            entry = self.state[nbytes.bit_length()] = [0, None, times]
         return entry
 
     def choice(self, nbytes: int) -> str:
@@ -211,28 +220,28 @@ class _Tuner:
         return self._entry(nbytes)[1] or "staged"
 
     def next(self, nbytes: int) -> str:
-        """The algorithm of this call: alternating during a round, else the choice."""
-        calls, choice, _ = self._entry(nbytes)
-        if choice is None or calls % self.every < 2 * self.trials:
-            return ("staged", "ring")[calls % 2]
+        """The algorithm of this call: candidates in turn during a round, else the choice."""
+        calls, choice, times = self._entry(nbytes)
+        if choice is None or calls % self.every < len(times) * self.trials:
+            return list(times)[calls % len(times)]
         return choice
 
     def record(self, nbytes: int, algorithm: str, seconds: float,
                agree: Callable[[np.ndarray], None]) -> None:
-        """Count the call; at the end of a round agree with every rank on the faster."""
+        """Count the call; at the end of a round agree with every rank on the fastest."""
         entry = self._entry(nbytes)
         calls, _, times = entry
         entry[0] = calls + 1
-        if entry[1] is not None and calls % self.every >= 2 * self.trials:
+        end = len(times) * self.trials
+        if entry[1] is not None and calls % self.every >= end:
             return
         times[algorithm].append(seconds)
-        if calls % self.every == 2 * self.trials - 1:
-            medians = np.array([statistics.median(times["staged"][1:]),
-                                statistics.median(times["ring"][1:])])
+        if calls % self.every == end - 1:
+            medians = np.array([statistics.median(t[1:]) for t in times.values()])
             agree(medians)
-            entry[1] = "staged" if medians[0] <= medians[1] else "ring"
-            times["staged"].clear()
-            times["ring"].clear()
+            entry[1] = list(times)[int(np.argmin(medians))]
+            for t in times.values():
+                t.clear()
 
 
 class Allreducer:
@@ -315,7 +324,8 @@ class Allreducer:
         if self._staged is not None and config.algorithm == "auto":
             self._small = min(self._small, STAGED_MIN_BYTES)  # staged beats MPI from there
             self._staged_bytes = self._staged.capacity * wire_np.itemsize
-            self._tuner = _Tuner()
+            # Doubling ties with the ring at 1 MiB or beats it, and loses from 2 MiB.
+            self._tuner = _Tuner(TUNED_MIN_BYTES * 2 if is_power_of_two(self.size) else 0)
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, buf: np.ndarray) -> None:

@@ -14,7 +14,8 @@ MPI's own call faster below: 1.08-1.48 at 64 KiB). From 1 MiB it depends on the 
 staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB, the ring 0.95-1.06 and 0.75-0.90; in
 runs where every copy through the kernel was slow, staged 0.49-0.76 and 0.63-1.22, the ring
 1.00-1.06 and 0.86-1.12. So `Allreducer`'s "auto" stages from `STAGED_MIN_BYTES` and, from
-`TUNED_MIN_BYTES` to `STAGED_MAX_BYTES`, times the two against each other (`allreduce._Tuner`).
+`TUNED_MIN_BYTES` to `STAGED_MAX_BYTES`, times staged against the ring (and doubling at
+1 MiB) and keeps the fastest (`allreduce._Tuner`).
 
 One call, L local ranks (here: all of them), a buffer cut into L shares s0..s{L-1}::
 

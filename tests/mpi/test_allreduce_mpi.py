@@ -245,8 +245,9 @@ def test_ranks_configured_differently_fail_together(comm):
 
 
 def test_auto_stages_mid_sizes_on_one_node(comm):
-    """On one node "auto" stages from 256 KiB, times staged against the ring from 1 MiB to
-    16 MiB and keeps the faster, the same choice on every rank; MPI below, the ring above.
+    """On one node "auto" stages from 256 KiB, times staged against the ring (and doubling at
+    1 MiB) from 1 MiB to 16 MiB and keeps the fastest, the same choice on every rank; MPI
+    below, the ring above.
     Every call matches the oracle and is identical on every rank, whichever algorithm ran."""
     size = comm.Get_size()
     reducer = build(comm, (16 << 20) // 4 + 1, "float32")
@@ -256,11 +257,12 @@ def test_auto_stages_mid_sizes_on_one_node(comm):
         return
     got = [reducer.algorithm_for(n) for n in (low - 4, low, tuned - 4, high + 4)]
     assert got == ["mpi", "staged", "staged", "ring"]
-    trials = reducer._tuner.trials
-    for call in range(2 * trials + 2):  # one round, then two calls of the choice
+    tuner = reducer._tuner
+    for call in range(3 * tuner.trials + 2):  # one round, then two calls of the choice
         check(comm, reducer, "float32", None, tuned // 4 + 1 + call % 3)
     choices = comm.allgather(reducer.algorithm_for(tuned))
-    assert choices[0] in ("staged", "ring") and choices == [choices[0]] * size, choices
+    assert choices[0] in tuner.candidates(tuned) and choices == [choices[0]] * size, choices
+    assert ("doubling" in tuner.candidates(tuned)) == (size & (size - 1) == 0)
 
 
 def test_tuner_alternates_then_keeps_the_faster_and_times_again():
@@ -289,6 +291,17 @@ def test_tuner_alternates_then_keeps_the_faster_and_times_again():
     assert [list(a) for a in agreed] == [[2.0, 1.0], [0.5, 1.0]]
     assert tuner.choice(1 << 20) == "staged"
     assert tuner.choice(4 << 20) == "staged"  # another size class, not timed yet
+
+    three = _Tuner(doubling_below=2 << 20, trials=2, every=100)
+    seconds = {"staged": 3.0, "ring": 2.0, "doubling": 1.0}
+    ran = []
+    for _ in range(8):
+        algorithm = three.next(1 << 20)
+        ran.append(algorithm)
+        three.record(1 << 20, algorithm, seconds[algorithm], agree)
+    assert ran == ["staged", "ring", "doubling"] * 2 + ["doubling"] * 2
+    assert list(agreed[-1]) == [3.0, 2.0, 1.0]
+    assert three.next(2 << 20) == "staged" and three.candidates(2 << 20) == ("staged", "ring")
 
 
 def test_staged_calls_back_to_back_with_uneven_ranks(comm):
