@@ -201,47 +201,62 @@ class _Tuner:
     doubling_below: int = 0
     trials: int = 5  # calls of each candidate per round; the first of each is not counted
     every: int = 256  # calls between rounds
-    state: dict[int, list] = field(default_factory=dict)  # class -> [calls, choice, times]
+    classes: dict[int, _SizeClass] = field(default_factory=dict)  # by nbytes.bit_length()
 
     def candidates(self, nbytes: int) -> tuple[str, ...]:
         if nbytes < self.doubling_below:
             return ("staged", "ring", "doubling")
         return ("staged", "ring")
 
-    def _entry(self, nbytes: int) -> list:
-        entry = self.state.get(nbytes.bit_length())
-        if entry is None:
-            times = {name: [] for name in self.candidates(nbytes)}
-            entry = self.state[nbytes.bit_length()] = [0, None, times]
-        return entry
+    def _class(self, nbytes: int) -> _SizeClass:
+        key = nbytes.bit_length()
+        if key not in self.classes:
+            self.classes[key] = _SizeClass({name: [] for name in self.candidates(nbytes)})
+        return self.classes[key]
+
+    def _timing(self, size_class: _SizeClass) -> bool:
+        """Whether the class's next call belongs to a round."""
+        return (size_class.choice is None
+                or size_class.calls % self.every < len(size_class.times) * self.trials)
 
     def choice(self, nbytes: int) -> str:
         """What this class runs once timed ("staged" until then)."""
-        return self._entry(nbytes)[1] or "staged"
+        return self._class(nbytes).choice or "staged"
 
     def next(self, nbytes: int) -> str:
         """The algorithm of this call: candidates in turn during a round, else the choice."""
-        calls, choice, times = self._entry(nbytes)
-        if choice is None or calls % self.every < len(times) * self.trials:
-            return list(times)[calls % len(times)]
-        return choice
+        size_class = self._class(nbytes)
+        if self._timing(size_class):
+            names = list(size_class.times)
+            return names[size_class.calls % len(names)]
+        return size_class.choice
 
     def record(self, nbytes: int, algorithm: str, seconds: float,
                agree: Callable[[np.ndarray], None]) -> None:
         """Count the call; at the end of a round agree with every rank on the fastest."""
-        entry = self._entry(nbytes)
-        calls, _, times = entry
-        entry[0] = calls + 1
-        end = len(times) * self.trials
-        if entry[1] is not None and calls % self.every >= end:
+        size_class = self._class(nbytes)
+        timing = self._timing(size_class)
+        position = size_class.calls % self.every
+        size_class.calls += 1
+        if not timing:
             return
+        times = size_class.times
         times[algorithm].append(seconds)
-        if calls % self.every == end - 1:
+        if position == len(times) * self.trials - 1:
             medians = np.array([statistics.median(t[1:]) for t in times.values()])
             agree(medians)
-            entry[1] = list(times)[int(np.argmin(medians))]
+            size_class.choice = list(times)[int(np.argmin(medians))]
             for t in times.values():
                 t.clear()
+
+
+@dataclass
+class _SizeClass:
+    """The tuner's record of one power-of-two class of buffer sizes."""
+
+    times: dict[str, list[float]]  # seconds per candidate in the current round
+    calls: int = 0
+    choice: str | None = None
 
 
 class Allreducer:
