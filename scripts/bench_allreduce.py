@@ -117,15 +117,19 @@ def check_results(comm: MPI.Comm, buf: np.ndarray, calls: dict[str, Callable[[],
             raise RuntimeError(f"{name} gave a wrong sum at {buf.nbytes} bytes")
 
 
-def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int
-              ) -> dict[str, float]:
+def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int,
+              seed: tuple[int, ...]) -> dict[str, float]:
     """Median over repeats of the slowest rank's time per call, candidates interleaved."""
     names = list(calls)
     mine = np.zeros((len(names), repeats))
     for rep in range(WARMUP + repeats):
-        # A fresh order each repeat, the same on every rank (seeded by the repeat): whatever a
-        # call leaves behind (gloo's threads wake up after it returns) lands on all candidates.
-        order = np.random.default_rng(rep).permutation(len(names))
+        # A fresh order each repeat, the same on every rank: whatever a call leaves behind
+        # (gloo's threads waking up, pages a peer has just read through MPI) lands on all
+        # candidates alike. Seeded by the run, the size and the repeat: seeded by the repeat
+        # alone, every size and run had the same orders: `mpiml` followed `mpi_out` in 11 of 41
+        # timed repeats (`mpiml_staged` in 7), and `mpiml` measured 5-25% slower than
+        # `mpiml_staged`, the same code there, in 26 of 91 size-runs.
+        order = np.random.default_rng([*seed, rep]).permutation(len(names))
         for k in order:
             call = calls[names[k]]
             comm.Barrier()
@@ -150,6 +154,8 @@ def main() -> int:
                         help="extra ring candidates with these segment sizes, e.g. 256K,1M")
     parser.add_argument("--no-gloo", action="store_true")
     parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the candidates' orders (default: a fresh one per run)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -158,6 +164,9 @@ def main() -> int:
     segment, threshold = parse_bytes(args.segment_bytes), parse_bytes(args.threshold_bytes)
     world = build_world()
     comm = world.comm
+    run_seed = args.seed
+    if run_seed is None:  # one fresh seed, the same on every rank
+        run_seed = comm.bcast(int(np.random.SeedSequence().entropy % 2**63), root=0)
     if not args.no_gloo:
         init_gloo(comm)
     max_elements = max(sizes) // 4
@@ -195,7 +204,7 @@ def main() -> int:
         buf.fill(0.0)
         if bucket is not None:
             bucket.fill(0.0)
-        medians = time_size(comm, calls, args.repeats)
+        medians = time_size(comm, calls, args.repeats, (run_seed, nbytes))
         best_mpi = min(medians["mpi"], medians["mpi_out"])
         entry = {
             "bytes": nbytes,
@@ -228,6 +237,7 @@ def main() -> int:
         "dtype": "float32",
         "repeats": args.repeats,
         "warmup": WARMUP,
+        "order_seed": run_seed,
         "statistic": "median over repeats of the slowest rank's time per call",
         "segment_bytes": segment,
         "small_threshold_bytes": threshold,
