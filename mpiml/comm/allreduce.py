@@ -221,7 +221,8 @@ class _Tuner:
 
     def choice(self, nbytes: int) -> str:
         """What this class runs once timed ("staged" until then)."""
-        return self._class(nbytes).choice or "staged"
+        size_class = self.classes.get(nbytes.bit_length())
+        return (size_class.choice if size_class else None) or "staged"
 
     def next(self, nbytes: int) -> str:
         """The algorithm of this call: candidates in turn during a round, else the choice."""
@@ -396,8 +397,10 @@ class Allreducer:
         if self.config.compressed:  # MPI cannot add 16-bit values in float32
             small = nbytes < self.config.small_threshold_bytes and is_power_of_two(self.size)
             return "doubling" if small else "ring"
+        if self._tuned(nbytes):
+            return self._tuner.choice(nbytes)
         if STAGED_MIN_BYTES <= nbytes <= self._staged_bytes:
-            return self._tuner.choice(nbytes) if nbytes >= TUNED_MIN_BYTES else "staged"
+            return "staged"
         if nbytes < self.config.small_threshold_bytes:
             return "mpi"
         return "ring"
@@ -406,27 +409,29 @@ class Allreducer:
     def _reduce(self, wire: np.ndarray) -> None:
         """Reduce `wire` (already in the wire type) in place with the chosen algorithm."""
         nbytes = wire.nbytes
-        if self._tuner is not None and TUNED_MIN_BYTES <= nbytes <= self._staged_bytes:
-            algorithm = self._tuner.next(nbytes)
-            start = time.perf_counter()
-            self._run(algorithm, wire)
-            self._tuner.record(nbytes, algorithm, time.perf_counter() - start, self._agree)
+        if not self._tuned(nbytes):
+            self._run(self.algorithm_for(nbytes), wire)
             return
-        self._run(self.algorithm_for(nbytes), wire)
+        algorithm = self._tuner.next(nbytes)
+        start = time.perf_counter()
+        self._run(algorithm, wire)
+        self._tuner.record(nbytes, algorithm, time.perf_counter() - start,
+                           lambda times: self._mpi_allreduce(times, MPI.MAX))
 
-    def _agree(self, times: np.ndarray) -> None:
-        """Every rank's largest value of `times`, in place (the tuner's one collective)."""
+    def _tuned(self, nbytes: int) -> bool:
+        """Whether "auto" times its algorithms against each other at this size."""
+        return self._tuner is not None and TUNED_MIN_BYTES <= nbytes <= self._staged_bytes
+
+    def _mpi_allreduce(self, buf: np.ndarray, op: MPI.Op) -> None:
+        """MPI's own allreduce in place, waited on as this reducer waits (see `polling`)."""
         if self._wait is polling_wait:
-            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, times, op=MPI.MAX))
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op))
         else:
-            self.comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=op)
 
     def _run(self, algorithm: str, wire: np.ndarray) -> None:
         if algorithm == "mpi":
-            if self._wait is polling_wait:
-                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, wire, op=MPI.SUM))
-            else:
-                self.comm.Allreduce(MPI.IN_PLACE, wire, op=MPI.SUM)
+            self._mpi_allreduce(wire, MPI.SUM)
             if self.config.average:
                 np.divide(wire, self.size, out=wire)
             return

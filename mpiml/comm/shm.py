@@ -45,13 +45,11 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import DTYPES, Allreducer, as_torch, storage_dtype
 from mpiml.comm.ring import blocking_wait, polling_wait
+from mpiml.comm.staged import ALIGN_BYTES, share_bounds, sum_share
 from mpiml.comm.staged import SHM_DIR as SHM_DIR  # re-exported: where windows live
-from mpiml.comm.staged import share_bounds
 from mpiml.comm.staged import shm_free_bytes as shm_free_bytes
 from mpiml.errors import CommError
 
-_ALIGN_BYTES = 64  # shares and buckets start on their own cache line
-_SEGMENT_BYTES = 256 << 10  # the owner adds and averages a share this much at a time (L2)
 # Below this a bucket goes through an `Allreducer` (MPI's latency path) on the whole
 # communicator instead: three node barriers cost more than the data. At N = 2 on the 2-core
 # machine the shared path wins from 128 KiB (49 us against MPI's 49-51 us) and loses below
@@ -94,7 +92,7 @@ class SharedBuckets:
         self.local_rank = self.node.Get_rank()
         self._wait = polling_wait if polling else blocking_wait
         itemsize = storage_dtype(dtype).itemsize
-        align = _ALIGN_BYTES // itemsize
+        align = ALIGN_BYTES // itemsize
         # Small buckets stay private: MPI is slower on window memory (16 us against 11 us
         # for a 4 KiB Allreduce here), and they never take the shared path anyway.
         self._shared_index = [n * itemsize >= small_bytes for n in lengths]
@@ -198,14 +196,7 @@ class SharedBuckets:
         share = self._buckets[self.local_rank][index]
         peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
         divide = self._cross_reducer is None  # one node: average per segment, while in cache
-        step = max(1, _SEGMENT_BYTES // share.itemsize)
-        for start in range(lo, hi, step):
-            stop = min(start + step, hi)
-            target = share[start:stop]
-            for peer in peers:
-                np.add(target, peer[start:stop], out=target)
-            if divide:
-                np.divide(target, self.size, out=target)
+        sum_share(share, peers, lo, hi, self.size if divide else None)
         if not divide:
             self._cross_reducer(share[lo:hi])
             np.divide(share[lo:hi], self.size, out=share[lo:hi])

@@ -49,8 +49,8 @@ STAGED_MIN_BYTES = 256 << 10
 TUNED_MIN_BYTES = 1 << 20
 STAGED_MAX_BYTES = 16 << 20
 NODE_BUDGET_BYTES = 256 << 20  # at most this much /dev/shm per node for "auto"'s slots
-_ALIGN_BYTES = 64  # shares start on their own cache line
-_SEGMENT_BYTES = 256 << 10  # the owner sums and publishes its share this much at a time (L2)
+ALIGN_BYTES = 64  # shares (and shared buckets) start on their own cache line
+SEGMENT_BYTES = 256 << 10  # an owner sums its share this much at a time, while it is in L2
 _BOUNDS_CACHE = 32  # buffer lengths whose share layout we remember
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI back shared windows on Linux
 
@@ -68,6 +68,22 @@ def share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
     """`parts` near-equal (start, stop) shares of `length`, cut on multiples of `align`."""
     cuts = [min(length, (length * j // parts) // align * align) for j in range(parts)] + [length]
     return [(cuts[j], cuts[j + 1]) for j in range(parts)]
+
+
+def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
+              divisor: int | None = None, publish: np.ndarray | None = None) -> None:
+    """target[lo:hi] += every peer's [lo:hi] (in the order given), `SEGMENT_BYTES` at a time;
+    while a segment is in cache, divide it by `divisor` and copy it into `publish`."""
+    step = max(1, SEGMENT_BYTES // target.itemsize)
+    for start in range(lo, hi, step):
+        stop = min(start + step, hi)
+        segment = target[start:stop]
+        for peer in peers:
+            np.add(segment, peer[start:stop], out=segment)
+        if divisor is not None:
+            np.divide(segment, divisor, out=segment)
+        if publish is not None:
+            np.copyto(publish[start:stop], segment)
 
 
 class StagedSum:
@@ -90,6 +106,7 @@ class StagedSum:
         peers = [np.frombuffer(self.win.Shared_query(q)[0], dtype=dtype, count=2 * capacity)
                  for q in range(self.size)]
         self._sets = [[p[:capacity] for p in peers], [p[capacity:] for p in peers]]
+        self._others = [[s for q, s in enumerate(slots) if q != self.rank] for slots in self._sets]
         # Fault every page in now, not in the first calls (which a tuner times): one write per
         # page of our slots, then one read per page of every peer's.
         page = max(1, 4096 // dtype.itemsize)
@@ -99,8 +116,7 @@ class StagedSum:
             if q != self.rank:
                 peer[::page].sum()
         self._turn = 0
-        self._align = max(1, _ALIGN_BYTES // dtype.itemsize)
-        self._segment = max(1, _SEGMENT_BYTES // dtype.itemsize)
+        self._align = max(1, ALIGN_BYTES // dtype.itemsize)
         self._bounds: dict[int, list[tuple[int, int]]] = {}
 
     @classmethod
@@ -129,7 +145,7 @@ class StagedSum:
             if len(self._bounds) >= _BOUNDS_CACHE:
                 self._bounds.clear()
             bounds = self._bounds[n] = share_bounds(n, self.size, self._align)
-        slots = self._sets[self._turn]
+        slots, others = self._sets[self._turn], self._others[self._turn]
         self._turn ^= 1
         r = self.rank
         mine = slots[r]
@@ -138,15 +154,7 @@ class StagedSum:
                 np.copyto(mine[a:b], buf[a:b])
         wait(self.node.Ibarrier())  # every rank has published its parts
         lo, hi = bounds[r]
-        for start in range(lo, hi, self._segment):
-            stop = min(start + self._segment, hi)
-            target = buf[start:stop]
-            for q in range(self.size):
-                if q != r:
-                    np.add(target, slots[q][start:stop], out=target)
-            if self.average:
-                np.divide(target, self.size, out=target)
-            np.copyto(mine[start:stop], target)
+        sum_share(buf, others, lo, hi, self.size if self.average else None, publish=mine)
         wait(self.node.Ibarrier())  # every share's sum is published
         for q, (a, b) in enumerate(bounds):
             if q != r:
@@ -154,7 +162,7 @@ class StagedSum:
 
     def close(self) -> None:
         """Free the window (collective on the node): no call may follow."""
-        self._sets = []
+        self._sets = self._others = []
         if not MPI.Is_finalized():
             self.win.Free()
             self.node.Free()
