@@ -22,6 +22,15 @@ against the faster of the two.
 Rank 0 prints one JSON document on stdout (and writes it to --out). Buffers hold zeros while
 timed, so repeated in-place sums neither overflow nor hit denormals; each candidate's result is
 checked against MPI's on random data before timing.
+
+Before each call every rank writes the buffer the call reads (zeros, not timed), as backward
+writes the gradients an allreduce then sums. Reused as the previous candidate left it, a
+buffer's cache lines may sit in the peer's cache, written there by that candidate's kernel
+copies, and whoever comes next pays for fetching them back: at 1 MiB, N = 2, five candidates
+in random order (2026-12-04), staged took 710-816 us right after MPI's in-place call and
+305 us right after recursive doubling (4 MiB: 1829 and 849 us) while MPI's own time moved by
+less than 7% with what came before; with the buffer written first, staged's moved by less than
+10% (118-129 us, in another run). `--stale-buffers` times the old way.
 """
 
 from __future__ import annotations
@@ -118,8 +127,16 @@ def check_results(comm: MPI.Comm, buf: np.ndarray, calls: dict[str, Callable[[],
 
 
 def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int,
-              seed: tuple[int, ...]) -> dict[str, float]:
-    """Median over repeats of the slowest rank's time per call, candidates interleaved."""
+              seed: tuple[int, ...], inputs: dict[str, np.ndarray] | None = None
+              ) -> dict[str, float]:
+    """Median over repeats of the slowest rank's time per call, candidates interleaved.
+
+    Before each call every rank writes the buffer that call reads (`inputs[name]`, zeros,
+    not timed), as backward writes gradients before they are summed: an allreduce's input
+    has just been produced by its own rank. Reused as the previous candidate left it, its
+    cache lines may still sit in the peer's cache, written there by that candidate's kernel
+    copies, and the next candidate pays for fetching them back (see the module docstring).
+    """
     names = list(calls)
     mine = np.zeros((len(names), repeats))
     for rep in range(WARMUP + repeats):
@@ -132,6 +149,8 @@ def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int
         order = np.random.default_rng([*seed, rep]).permutation(len(names))
         for k in order:
             call = calls[names[k]]
+            if inputs is not None:
+                inputs[names[k]].fill(0.0)
             comm.Barrier()
             t0 = time.perf_counter()
             call()
@@ -154,6 +173,9 @@ def main() -> int:
                         help="extra ring candidates with these segment sizes, e.g. 256K,1M")
     parser.add_argument("--no-gloo", action="store_true")
     parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    parser.add_argument("--stale-buffers", action="store_true",
+                        help="time each call on the buffer as the previous candidate left it "
+                             "(the method before 2026-12-04), not freshly written")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the candidates' orders (default: a fresh one per run)")
     args = parser.parse_args()
@@ -204,7 +226,9 @@ def main() -> int:
         buf.fill(0.0)
         if bucket is not None:
             bucket.fill(0.0)
-        medians = time_size(comm, calls, args.repeats, (run_seed, nbytes))
+        inputs = None if args.stale_buffers else {
+            name: bucket if name == "mpiml_shared" else buf for name in calls}
+        medians = time_size(comm, calls, args.repeats, (run_seed, nbytes), inputs)
         best_mpi = min(medians["mpi"], medians["mpi_out"])
         entry = {
             "bytes": nbytes,
@@ -238,6 +262,8 @@ def main() -> int:
         "repeats": args.repeats,
         "warmup": WARMUP,
         "order_seed": run_seed,
+        "inputs": "as the previous candidate left them" if args.stale_buffers
+                  else "written by their rank before each call",
         "statistic": "median over repeats of the slowest rank's time per call",
         "segment_bytes": segment,
         "small_threshold_bytes": threshold,
