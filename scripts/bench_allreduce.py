@@ -61,10 +61,10 @@ from mpiml.comm.world import build_world, run_or_abort
 
 DEFAULT_SIZES = [4 << 10 << k for k in range(15)]  # 4 KiB .. 64 MiB, powers of two
 # Untimed calls per candidate and size, as in OSU's and nccl-tests' warm-up iterations: more
-# than the Allreducer's tuning round (up to 3 algorithms x 5 calls per size class, see
+# than the Allreducer's tuning round (up to 3 algorithms x 9 calls per size class, see
 # `allreduce._Tuner`), so what is timed is how each candidate runs once settled, as in a job
-# that repeats a size thousands of times (the tuner re-times every 256 calls).
-WARMUP = 16
+# that repeats a size thousands of times (the tuner re-times every 512 calls).
+WARMUP = 32
 
 
 def parse_bytes(text: str) -> int:
