@@ -37,7 +37,8 @@ where a rank waited for a peer whose backward ran late, the median step, and the
 steps of the least any rank waited (the last rank to finish backward: what the sync added to
 the step once every rank had computed). The mean is exactly the last rank's wait plus
 ``late_peer_wait_ms_per_step``: what ranks waited beyond it, for a peer still computing (load
-imbalance, which the sync cannot hide and which comes with overlap on or off).
+imbalance, which comes with overlap on or off; with one core per rank overlap adds to it, as
+the thread's sums lengthen the backward of whichever rank is late).
 """
 
 from __future__ import annotations
