@@ -163,8 +163,20 @@ class SharedBuckets:
         updates: the same bounds for the gradients and the parameters."""
         return self._shares[index][self.local_rank]
 
-    def reduce(self, index: int, *, whole: bool = True) -> None:
+    def keeps_own_share_private(self, index: int) -> bool:
+        """Whether `reduce(index, sources=...)` may take this rank's own share from elsewhere:
+        a shared bucket, summed on this node alone, in its own precision."""
+        return (self._shared_index[index] and self._cross_reducer is None
+                and not self._acc.numel() and self.dtype not in ("float16", "bfloat16"))
+
+    def reduce(self, index: int, *, whole: bool = True,
+               sources: list[tuple[int, int, np.ndarray]] = ()) -> None:
         """Average bucket `index` over every rank of `comm` (collective on it).
+
+        `sources`, where `keeps_own_share_private(index)`: (start, stop, values) pieces of this
+        rank's own share whose values are not in its bucket but in `values` (the gradients
+        autograd made, so the caller copies only what its peers read); the sum reads them
+        there, in the same order, so the bits do not change.
 
         `whole=False` leaves the average only in this rank's `owned` share (private buckets
         are still averaged whole): for parameters in shared memory, where each rank updates
@@ -181,7 +193,7 @@ class SharedBuckets:
         if self._acc.numel():
             self._sum_half(index, lo, hi)
         else:
-            self._sum(index, lo, hi)
+            self._sum(index, lo, hi, sources)
         if not whole:
             return
         self._barrier()  # every share is final
@@ -191,12 +203,19 @@ class SharedBuckets:
                 np.copyto(mine[qlo:qhi], self._buckets[q][index][qlo:qhi])
         self._barrier()  # nobody rewrites a bucket a peer still copies from
 
-    def _sum(self, index: int, lo: int, hi: int) -> None:
+    def _sum(self, index: int, lo: int, hi: int,
+             sources: list[tuple[int, int, np.ndarray]] = ()) -> None:
         """Own share += the peers' (then the ring across nodes), averaged, in own buffer."""
         share = self._buckets[self.local_rank][index]
         peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
         divide = self._cross_reducer is None  # one node: average per segment, while in cache
-        sum_share(share, peers, lo, hi, self.size if divide else None)
+        done = lo
+        for start, stop, values in sorted(sources, key=lambda piece: piece[0]):
+            sum_share(share, peers, done, start, self.size if divide else None)
+            sum_share(share, peers, start, stop, self.size if divide else None,
+                      first=values)
+            done = stop
+        sum_share(share, peers, done, hi, self.size if divide else None)
         if not divide:
             self._cross_reducer(share[lo:hi])
             np.divide(share[lo:hi], self.size, out=share[lo:hi])

@@ -71,14 +71,20 @@ def share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
 
 
 def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
-              divisor: int | None = None, publish: np.ndarray | None = None) -> None:
+              divisor: int | None = None, publish: np.ndarray | None = None,
+              first: np.ndarray | None = None) -> None:
     """target[lo:hi] += every peer's [lo:hi] (in the order given), `SEGMENT_BYTES` at a time;
-    while a segment is in cache, divide it by `divisor` and copy it into `publish`."""
+    while a segment is in cache, divide it by `divisor` and copy it into `publish`. With
+    `first` (hi - lo values), target[lo:hi] = first + the peers' instead: the same sum, without
+    first copying `first` into the target."""
     step = max(1, SEGMENT_BYTES // target.itemsize)
     for start in range(lo, hi, step):
         stop = min(start + step, hi)
         segment = target[start:stop]
-        for peer in peers:
+        peer_list = iter(peers)
+        if first is not None:
+            np.add(first[start - lo : stop - lo], next(peer_list)[start:stop], out=segment)
+        for peer in peer_list:
             np.add(segment, peer[start:stop], out=segment)
         if divisor is not None:
             np.divide(segment, divisor, out=segment)

@@ -203,3 +203,58 @@ def test_overlap_auto_times_both_ways_then_every_rank_keeps_one(world):
         assert modes[steps:] == [sync.overlap] * 2
         assert len(set(world.allgather_object((sync.overlap, sync.decision)))) == 1
         assert ("auto: on" if sync.overlap else "auto: off") in sync.decision
+
+
+class Wide(nn.Module):
+    """Buckets over shm.SMALL_BUCKET_BYTES: shared, so each rank's own share of the gradients
+    stays where autograd put it until the sum (`GradSync._copy_for_peers`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 600)
+        self.b = nn.Linear(600, 300)
+        self.unused = nn.Linear(100, 400)  # never in forward: synced as zeros
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def wide_grads(model: nn.Module, rank: int, micro: int) -> None:
+    gen = torch.Generator().manual_seed(1000 * rank + micro)
+    model(torch.randn(5 + rank, 64, generator=gen)).pow(2).mean().backward()
+
+
+@pytest.mark.parametrize("between", ["nothing", "no_sync", "scaled", "replaced"])
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("bucket_mb", [0.2, 4.0])
+def test_own_share_kept_out_of_the_bucket_until_the_sum(world, overlap, bucket_mb, between):
+    """Whatever happens to `.grad` between backward and finish(), the average is the float64
+    mean of what every rank's `.grad` held: after a micro-batch under no_sync (accumulated in
+    autograd's tensor), scaled in place after the hook copied it, or replaced by a new tensor.
+    Each rank scales or replaces a different parameter. (With overlap on, buckets are already
+    on their way when backward returns, so `.grad` is not to be touched before finish().)"""
+    if overlap and between in ("scaled", "replaced"):
+        pytest.skip("with overlap on, .grad is in flight between backward and finish()")
+    model = Wide()
+    with GradSync(world, model, bucket_mb=bucket_mb, overlap=overlap) as sync:
+        shared = [b for b in sync.buckets if b.own is not None]
+        assert shared or world.size == 1 or world.node_comm.Get_size() == 1
+        touched = list(model.named_parameters())[world.rank % 4][0]
+        for step in range(2):
+            if between == "no_sync":
+                with sync.no_sync():
+                    wide_grads(model, world.rank, 10 * step)
+            wide_grads(model, world.rank, 10 * step + 1)
+            p = dict(model.named_parameters())[touched]
+            if between == "scaled":
+                p.grad.mul_(3.0)  # after the hook: the copy for the peers is stale
+            elif between == "replaced":
+                p.grad = torch.full_like(p, float(world.rank + 1))
+            mine = local_copy(model)
+            sync.finish()
+            everyone = world.allgather_object(mine)
+            for n, q in model.named_parameters():
+                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
+                np.testing.assert_allclose(q.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"step {step}, {n}")
+            sync.zero_grad()
