@@ -359,10 +359,16 @@ class GradSync:
         return buckets
 
     def _keep_own_share_out(self, bucket: _Bucket) -> None:
-        """Where its SharedBuckets allows it, each parameter's part in this rank's own share
-        (in the parameter's coordinates) for `_copy_for_peers`."""
+        """Where its SharedBuckets allows it and the update is sharded, each parameter's part
+        in this rank's own share (in the parameter's coordinates) for `_copy_for_peers`.
+
+        Why sharded only: a gradient with an own part lives until its bucket is summed, which
+        costs peak memory (`scripts/bench_memory.py`, wide MLP: +1.63-1.71 gradient sizes
+        over plain PyTorch against +0.96-1.19); the unsharded update, which holds a whole
+        optimizer state per rank, went from about +2 to +2.7, past the issue's budget."""
         shared = self._shared.get(bucket.buffer.dtype)
-        if shared is None or not shared.keeps_own_share_private(bucket.slot):
+        if (not self.sharded or shared is None
+                or not shared.keeps_own_share_private(bucket.slot)):
             return
         lo, hi = shared.owned(bucket.slot)
         bucket.own, offset = [], 0

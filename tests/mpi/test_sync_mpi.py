@@ -228,17 +228,18 @@ def wide_grads(model: nn.Module, rank: int, micro: int) -> None:
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("bucket_mb", [0.2, 4.0])
 def test_own_share_kept_out_of_the_bucket_until_the_sum(world, overlap, bucket_mb, between):
-    """Whatever happens to `.grad` between backward and finish(), the average is the float64
-    mean of what every rank's `.grad` held: after a micro-batch under no_sync (accumulated in
-    autograd's tensor), scaled in place after the hook copied it, or replaced by a new tensor.
+    """Sharded: whatever happens to `.grad` between backward and finish(), this rank's share
+    of each bucket holds the float64 mean of what every rank's `.grad` held: after a
+    micro-batch under no_sync (accumulated in autograd's tensor), scaled in place after the
+    hook copied it, or replaced by a new tensor.
     Each rank scales or replaces a different parameter. (With overlap on, buckets are already
     on their way when backward returns, so `.grad` is not to be touched before finish().)"""
     if overlap and between in ("scaled", "replaced"):
         pytest.skip("with overlap on, .grad is in flight between backward and finish()")
     model = Wide()
-    with GradSync(world, model, bucket_mb=bucket_mb, overlap=overlap) as sync:
-        shared = [b for b in sync.buckets if b.own is not None]
-        assert shared or world.size == 1 or world.node_comm.Get_size() == 1
+    with GradSync(world, model, bucket_mb=bucket_mb, overlap=overlap, shard=True) as sync:
+        kept = [b for b in sync.buckets if b.own is not None]
+        assert kept or not sync.sharded
         touched = list(model.named_parameters())[world.rank % 4][0]
         for step in range(2):
             if between == "no_sync":
@@ -253,8 +254,13 @@ def test_own_share_kept_out_of_the_bucket_until_the_sum(world, overlap, bucket_m
             mine = local_copy(model)
             sync.finish()
             everyone = world.allgather_object(mine)
-            for n, q in model.named_parameters():
-                expected = np.mean([g[n].astype(np.float64) for g in everyone], axis=0)
-                np.testing.assert_allclose(q.grad.numpy(), expected, rtol=1e-5, atol=1e-6,
-                                           err_msg=f"step {step}, {n}")
+            names = {id(q): n for n, q in model.named_parameters()}
+            for bucket in sync.buckets:  # sharded: the average is in this rank's share only
+                expected = np.concatenate([
+                    np.mean([g[names[id(q)]].astype(np.float64) for g in everyone],
+                            axis=0).reshape(-1) for q in bucket.params])
+                lo, hi = sync.owned(bucket.index) if sync.sharded else (0, expected.size)
+                np.testing.assert_allclose(bucket.buffer[lo:hi].numpy(), expected[lo:hi],
+                                           rtol=1e-5, atol=1e-6,
+                                           err_msg=f"step {step}, bucket {bucket.index}")
             sync.zero_grad()
