@@ -363,9 +363,10 @@ class GradSync:
         in this rank's own share (in the parameter's coordinates) for `_copy_for_peers`.
 
         Why sharded only: a gradient with an own part lives until its bucket is summed, which
-        costs peak memory (`scripts/bench_memory.py`, wide MLP: +1.63-1.71 gradient sizes
-        over plain PyTorch against +0.96-1.19); the unsharded update, which holds a whole
-        optimizer state per rank, went from about +2 to +2.7, past the issue's budget."""
+        costs peak memory (`scripts/bench_memory.py`, wide MLP: +1.12-1.91 gradient sizes
+        over plain PyTorch in five runs, against +0.96-1.19 before); the unsharded update,
+        which holds a whole optimizer state per rank, went from about +2 to +2.36-2.71,
+        past the issue's budget."""
         shared = self._shared.get(bucket.buffer.dtype)
         if (not self.sharded or shared is None
                 or not shared.keeps_own_share_private(bucket.slot)):
@@ -468,11 +469,10 @@ class GradSync:
         by the sum; this way the own part (1/L of the gradients) is never copied, one read and
         one write of it less per step. Measured at N = 2 (bench_train with contenders both
         ways in the same run, two runs): the wide MLP's step 2-5% shorter, with and without
-        overlap; the MLP's the same within noise; peak memory 1.13 gradient sizes over plain
-        PyTorch against 1.19 (`scripts/bench_memory.py`, one run each), though each gradient
-        with an own part now lives until its bucket is summed. While accumulating
-        (`no_sync`) nothing is copied: autograd keeps adding into the same `.grad`, and the
-        last backward copies the total.
+        overlap; the MLP's the same within noise. The cost is memory: each gradient with an
+        own part lives until its bucket is summed (see `_keep_own_share_out`). While
+        accumulating (`no_sync`) nothing is copied: autograd keeps adding into the same
+        `.grad`, and the last backward copies the total.
         """
         param, view = bucket.params[i], bucket.views[i]
         grad = param.grad
