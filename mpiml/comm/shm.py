@@ -167,16 +167,16 @@ class SharedBuckets:
         """Whether `reduce(index, sources=...)` may take this rank's own share from elsewhere:
         a shared bucket, summed on this node alone, in its own precision."""
         return (self._shared_index[index] and self._cross_reducer is None
-                and not self._acc.numel() and self.dtype not in ("float16", "bfloat16"))
+                and self.dtype not in ("float16", "bfloat16"))
 
     def reduce(self, index: int, *, whole: bool = True,
                sources: list[tuple[int, int, np.ndarray]] = ()) -> None:
         """Average bucket `index` over every rank of `comm` (collective on it).
 
         `sources`, where `keeps_own_share_private(index)`: (start, stop, values) pieces of this
-        rank's own share whose values are not in its bucket but in `values` (the gradients
-        autograd made, so the caller copies only what its peers read); the sum reads them
-        there, in the same order, so the bits do not change.
+        rank's own share, in ascending order, whose values are not in its bucket but in
+        `values` (the gradients autograd made, so the caller copies only what its peers read);
+        the sum reads them there, in the same order, so the bits do not change.
 
         `whole=False` leaves the average only in this rank's `owned` share (private buckets
         are still averaged whole): for parameters in shared memory, where each rank updates
@@ -210,7 +210,7 @@ class SharedBuckets:
         peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
         divide = self._cross_reducer is None  # one node: average per segment, while in cache
         done = lo
-        for start, stop, values in sorted(sources, key=lambda piece: piece[0]):
+        for start, stop, values in sources:
             sum_share(share, peers, done, start, self.size if divide else None)
             sum_share(share, peers, start, stop, self.size if divide else None,
                       first=values)

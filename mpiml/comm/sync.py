@@ -379,7 +379,6 @@ class GradSync:
             kb = max(min(hi - offset, n), ka)
             bucket.own.append((ka, kb))
             offset += n
-        bucket.copied = [None] * len(bucket.params)
 
     def _build_reducers(self, algorithm: str, compression: str) -> dict[torch.dtype, Allreducer]:
         """One Allreducer per gradient dtype, sized for its largest bucket, built once."""
@@ -421,8 +420,9 @@ class GradSync:
                 param.grad = None
             bucket.pending = len(bucket.params)
             bucket.future = None
-            bucket.sources = []
-            bucket.copied = [None] * len(bucket.params)
+            if bucket.own is not None:  # drop what a step that never launched left behind
+                bucket.sources = []
+                bucket.copied = [None] * len(bucket.params)
         self._next = 0
 
     # -- accumulation ---------------------------------------------------------------------------
