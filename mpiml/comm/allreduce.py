@@ -92,6 +92,7 @@ from mpiml.comm.staged import (
     STAGED_MIN_BYTES,
     TUNED_MIN_BYTES,
     StagedSum,
+    divide,
 )
 from mpiml.errors import CommError
 
@@ -437,7 +438,7 @@ class Allreducer:
         if algorithm == "mpi":
             self._mpi_allreduce(wire, MPI.SUM)
             if self.config.average:
-                np.divide(wire, self.size, out=wire)
+                divide(wire, self.size)
             return
         if algorithm == "staged":
             self._staged(wire, self._wait)
@@ -487,7 +488,7 @@ class Allreducer:
                 else:
                     np.add(target, incoming, out=target)
                 if last and average:
-                    np.divide(target, size, out=target)
+                    divide(target, size)
 
             return combine
 

@@ -45,7 +45,7 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import DTYPES, Allreducer, as_torch, storage_dtype
 from mpiml.comm.ring import blocking_wait, polling_wait
-from mpiml.comm.staged import ALIGN_BYTES, share_bounds, sum_share
+from mpiml.comm.staged import ALIGN_BYTES, divide, share_bounds, sum_share
 from mpiml.comm.staged import SHM_DIR as SHM_DIR  # re-exported: where windows live
 from mpiml.comm.staged import shm_free_bytes as shm_free_bytes
 from mpiml.errors import CommError
@@ -208,17 +208,17 @@ class SharedBuckets:
         """Own share += the peers' (then the ring across nodes), averaged, in own buffer."""
         share = self._buckets[self.local_rank][index]
         peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
-        divide = self._cross_reducer is None  # one node: average per segment, while in cache
+        one_node = self._cross_reducer is None  # one node: average per segment, while in cache
         done = lo
         for start, stop, values in sources:
-            sum_share(share, peers, done, start, self.size if divide else None)
-            sum_share(share, peers, start, stop, self.size if divide else None,
+            sum_share(share, peers, done, start, self.size if one_node else None)
+            sum_share(share, peers, start, stop, self.size if one_node else None,
                       first=values)
             done = stop
-        sum_share(share, peers, done, hi, self.size if divide else None)
-        if not divide:
+        sum_share(share, peers, done, hi, self.size if one_node else None)
+        if not one_node:
             self._cross_reducer(share[lo:hi])
-            np.divide(share[lo:hi], self.size, out=share[lo:hi])
+            divide(share[lo:hi], self.size)
 
     def _sum_half(self, index: int, lo: int, hi: int) -> None:
         """16-bit: the share summed in float32, reduced across nodes, rounded once."""

@@ -70,6 +70,21 @@ def share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
     return [(cuts[j], cuts[j + 1]) for j in range(parts)]
 
 
+def divide(values: np.ndarray, divisor: int) -> None:
+    """values /= divisor, in place.
+
+    Why not `np.divide` alone: by a power of two, multiplying by its inverse gives the same
+    bits (both round the same real number, subnormals included) and costs less, as a float
+    division is slower than a multiplication even in a loop bound by memory. Summing and
+    averaging a 3.7 MiB share of two float32 buffers in 256 KiB segments (`sum_share`, one
+    process, caches warm, 400 interleaved repeats): 0.23 ms against 0.28 (0.16 without the
+    average). Other divisors keep the division."""
+    if divisor & (divisor - 1) == 0:
+        np.multiply(values, 1.0 / divisor, out=values)
+    else:
+        np.divide(values, divisor, out=values)
+
+
 def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
               divisor: int | None = None, publish: np.ndarray | None = None,
               first: np.ndarray | None = None) -> None:
@@ -87,7 +102,7 @@ def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
         for peer in peer_list:
             np.add(segment, peer[start:stop], out=segment)
         if divisor is not None:
-            np.divide(segment, divisor, out=segment)
+            divide(segment, divisor)
         if publish is not None:
             np.copyto(publish[start:stop], segment)
 
