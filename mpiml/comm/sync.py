@@ -317,13 +317,15 @@ class GradSync:
         Why: with `shard=True` the parameters live once per node, in shared memory, and each
         of the node's L ranks updates only its 1/L of every bucket, the part whose average it
         computed itself. Nobody copies the other averages in, and the optimizer's work and
-        state per rank drop to 1/L. Both are flat views, valid after `finish()` (the rest of
-        the bucket is not averaged: `.grad` holds the average only on this share).
+        state per rank drop to 1/L. Both are flat views, valid after `finish()` until
+        `zero_grad()`. The parameters' `.grad` hold no average: the rest of a bucket is not
+        averaged, and on one node the average of the share is left in a peer's bucket
+        (`SharedBuckets.average_of_share`).
         """
         bucket = self.buckets[index]
         lo, hi = self.owned(index)
-        flat = self._shared[bucket.buffer.dtype].param_tensors[bucket.slot]
-        return flat[lo:hi], bucket.buffer[lo:hi]
+        shared = self._shared[bucket.buffer.dtype]
+        return shared.param_tensors[bucket.slot][lo:hi], shared.average_of_share(bucket.slot)
 
     def owned(self, index: int) -> tuple[int, int]:
         """(start, stop) within bucket `index` of this rank's share (see `share`)."""
