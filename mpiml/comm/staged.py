@@ -22,10 +22,19 @@ One call, L local ranks (here: all of them), a buffer cut into L shares s0..s{L-
     rank r: slot_r[s_q] = buf[s_q]  for every q != r      (publish what the others own)
     barrier
     rank r: buf[s_r] += slot_q[s_r] for every q != r      (in rank order; / N if averaging)
-            slot_r[s_r] = buf[s_r]                          (publish the sum)
+            slot_h(r)[s_r] = buf[s_r]                      (publish the sum)
     barrier
-    rank r: buf[s_q] = slot_q[s_q]  for every q != r      (collect the other sums)
+    rank r: buf[s_q] = slot_h(q)[s_q] for every q != r    (collect the other sums)
 
+where h(r), the rank whose slot holds r's sum, is r's first peer in rank order: the sum goes
+over the values it has just read there, segment by segment, on cache lines already fetched,
+where a write into r's own slot first fetches lines a peer last read. At N = 2 on the 2-core
+machine, both ways interleaved in one run (an experiment script, 2026-12-04, a slow state of
+the machine): 0.46-0.56 of MPI's time at 1-8 MiB against 0.49-0.69, 16 MiB 0.61 against 0.77;
+at N = 3, 1 and 4 MiB 0.34 and 0.36 against 0.39 and 0.44. In a fast state
+(`scripts/bench_allreduce.py --repeats 41 --no-gloo`, MPI's 1 MiB call at 142 us): 0.63,
+0.64 and 0.69 at 1, 2 and 4 MiB, where before this staged took 0.91-1.12 at 1 MiB and fell
+behind the ring from 4 MiB.
 Each share's result is computed by its owner alone and only copied by the others, so every
 rank ends with the same bits. Slots come in two sets used in turn, so a rank may start its next
 call while a peer still copies out of the previous one: a rank reaches call k+1's second
@@ -128,6 +137,9 @@ class StagedSum:
                  for q in range(self.size)]
         self._sets = [[p[:capacity] for p in peers], [p[capacity:] for p in peers]]
         self._others = [[s for q, s in enumerate(slots) if q != self.rank] for slots in self._sets]
+        # Where each rank's sum is published: its first peer's slot.
+        self._homes = [[slots[1 if q == 0 else 0] for q in range(self.size)]
+                       for slots in self._sets]
         # Fault every page in now, not in the first calls (which a tuner times): one write per
         # page of our slots, then one read per page of every peer's.
         page = max(1, 4096 // dtype.itemsize)
@@ -167,6 +179,7 @@ class StagedSum:
                 self._bounds.clear()
             bounds = self._bounds[n] = share_bounds(n, self.size, self._align)
         slots, others = self._sets[self._turn], self._others[self._turn]
+        homes = self._homes[self._turn]
         self._turn ^= 1
         r = self.rank
         mine = slots[r]
@@ -175,11 +188,13 @@ class StagedSum:
                 np.copyto(mine[a:b], buf[a:b])
         wait(self.node.Ibarrier())  # every rank has published its parts
         lo, hi = bounds[r]
-        sum_share(buf, others, lo, hi, self.size if self.average else None, publish=mine)
+        # The sum lands in our first peer's slot (others[0], our home), then in `buf`.
+        sum_share(others[0], others, lo, hi, self.size if self.average else None,
+                  publish=buf, first=buf[lo:hi])
         wait(self.node.Ibarrier())  # every share's sum is published
         for q, (a, b) in enumerate(bounds):
             if q != r:
-                np.copyto(buf[a:b], slots[q][a:b])
+                np.copyto(buf[a:b], homes[q][a:b])
 
     def close(self) -> None:
         """Free the window (collective on the node): no call may follow."""
