@@ -17,10 +17,11 @@ Algorithms:
   the whole buffer. At N = 2 it is one Sendrecv and one add per segment.
 * ``"staged"``: every rank of the communicator on one node only: the buffer is summed
   through two sets of node-shared slots (`staged.py`), plain copies between two barriers, no
-  message at all. At N = 2 on the 2-core machine 0.6-0.9x MPI's time at 256-512 KiB; from
-  1 MiB ahead of the ring or behind it depending on the machine's state (see `_Tuner`).
+  message at all. At N = 2 on the 2-core machine 0.44-0.86x MPI's time at 128-512 KiB and
+  0.47-0.82x at 1-8 MiB, ahead of the ring there; at 16 MiB ahead of it or behind it
+  depending on the machine's state (see `staged.py` and `_Tuner`).
 * ``"auto"`` (the default): where every rank shares one node, ``"staged"`` from
-  `staged.STAGED_MIN_BYTES` (256 KiB), and from 1 MiB up to `staged.STAGED_MAX_BYTES` (16 MiB,
+  `staged.STAGED_MIN_BYTES` (128 KiB), and from 1 MiB up to `staged.STAGED_MAX_BYTES` (16 MiB,
   less with many ranks per node) whichever of ``"staged"`` and ``"ring"`` (and at 1 MiB, at
   power-of-two N, ``"doubling"``) the `_Tuner` times fastest on this machine, now. Otherwise
   ``"mpi"`` for buffers under `small_threshold_bytes` (1 MiB, measured at N = 2 on the 2-core
@@ -186,17 +187,18 @@ class _Tuner:
     """Which of our algorithms sums a size class fastest, timed where it runs.
 
     Why not a fixed threshold: on one node they trade places with the machine's state. At
-    N = 2 on the 2-core machine (14 runs of `scripts/bench_allreduce.py`, time over MPI's):
-    in most, staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB against the ring's
-    0.95-1.06 and 0.75-0.90; in two, where every kernel-mediated copy ran slow, staged
-    0.49-0.76 and 0.63-1.22 against the ring's 1.00-1.06 and 0.86-1.12. At 1 MiB recursive
-    doubling (one message each way instead of two) took 0.84-1.02 in the fast runs and
-    2.3-2.6 in the slow ones. So per power-of-two size class, the first `trials` calls of each
-    candidate run in turn; every rank's median per candidate (the first call of each left
-    out: it pays for what the others left in the caches) is combined, the slowest rank's
-    counting (one small allreduce, which every rank reaches at the same call, as calls come
-    in the same order everywhere); the fastest runs until `every` calls later the class is
-    timed again. Doubling is a candidate (power-of-two N only) below `doubling_below` bytes.
+    N = 2 on the 2-core machine (ten runs of `scripts/bench_allreduce.py`, 2026-12-04, time
+    over MPI's), staged led at 1-4 MiB in every run (0.47-0.79 at 1 MiB), but the ring led at
+    8 MiB in two runs and at 16 MiB in six (0.68-1.20 there, staged 0.70-1.02). At 1 MiB
+    recursive doubling (one message each way instead of two) took 0.91 in the fastest run
+    and up to 2.4 in slow ones. Before staged published its sums into its peers' slots
+    (`staged.py`), the ring led from 4 MiB and doubling at 1 MiB in the machine's fast
+    states, and staged in its slow ones. So per power-of-two size class, the first `trials`
+    calls of each candidate run in turn; every rank's median per candidate (the first call of
+    each left out: it pays for what the others left in the caches) is combined, the slowest
+    rank's counting (one small allreduce, which every rank reaches at the same call, as calls
+    come in the same order everywhere); the fastest runs until `every` calls later the class
+    is timed again. Doubling is a candidate (power-of-two N only) below `doubling_below` bytes.
 
     Why 9 calls each: with 5 (4 counted) the tuner kept an algorithm slower than another in
     5 of 40 size-runs at 1-16 MiB, by up to 26%, and with 9 in none of 40 (eight runs each,

@@ -45,7 +45,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _RING_KIND = {torch.float32: "float32", torch.float64: "float64"}
 ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPES}
 # From here float sums go to an `Allreducer` (on one node it stages them through shared slots,
-# faster than MPI's own call from 256 KiB; elsewhere it calls MPI itself below 1 MiB).
+# faster than MPI's own call from 128 KiB; elsewhere it calls MPI itself below 1 MiB).
 REDUCER_THRESHOLD_BYTES = STAGED_MIN_BYTES
 
 

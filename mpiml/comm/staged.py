@@ -7,15 +7,15 @@ its buffer that others own into a shared slot of its own, sum the share it owns 
 its peers' slots, publish that sum, and copy the other sums back: plain memory copies between
 two barriers, and no kernel call. It moves more bytes than the ring (about 4.5 buffer sizes per
 rank at N = 2 against 3.5), so it wins while the per-message cost of the kernel path dominates
-and loses once the bytes do, and where that happens moves with the machine's state. At N = 2 on
-the 2-core machine (`scripts/bench_allreduce.py --repeats 41 --no-gloo`, time over MPI's
-`Allreduce`): 0.60-0.92 at 256-512 KiB in 17 of 18 runs and 1.18 in one (the ring 0.99-1.32;
-MPI's own call faster below: 1.08-1.48 at 64 KiB). From 1 MiB it depends on the run: in some,
-staged 0.89-1.05 at 1-2 MiB and 0.97-1.24 at 4-16 MiB, the ring 0.95-1.06 and 0.75-0.90; in
-runs where every copy through the kernel was slow, staged 0.49-0.76 and 0.63-1.22, the ring
-1.00-1.06 and 0.86-1.12. So `Allreducer`'s "auto" stages from `STAGED_MIN_BYTES` and, from
-`TUNED_MIN_BYTES` to `STAGED_MAX_BYTES`, times staged against the ring (and doubling at
-1 MiB) and keeps the fastest (`allreduce._Tuner`).
+and loses once the bytes do. At N = 2 on the 2-core machine (`scripts/bench_allreduce.py
+--repeats 41 --no-gloo`, ten runs, 2026-12-04, time over MPI's `Allreduce`): 0.53-0.86 at
+128 KiB, 0.44-0.68 at 256-512 KiB, 0.47-0.79 at 1 MiB, 0.58-0.82 at 2-8 MiB, 0.70-1.02 at
+16 MiB, where the ring took 0.96-1.05 at 1 MiB and 0.68-1.20 at 16 MiB: staged was the fastest
+of our algorithms at 1-4 MiB in all ten runs, at 8 MiB in eight and at 16 MiB in four. Below
+128 KiB MPI's own call is the safer choice: at 64 KiB staged took 0.65-0.99 at N = 2 but 1.27
+at N = 3 (one run; at 128 KiB 0.83, and 0.94 at N = 4). So `Allreducer`'s "auto" stages from
+`STAGED_MIN_BYTES` and, from `TUNED_MIN_BYTES` to `STAGED_MAX_BYTES`, times staged against
+the ring (and doubling at 1 MiB) and keeps the fastest (`allreduce._Tuner`).
 
 One call, L local ranks (here: all of them), a buffer cut into L shares s0..s{L-1}::
 
@@ -54,7 +54,7 @@ from mpi4py import MPI
 # through shared memory on one node: always from STAGED_MIN_BYTES, and from TUNED_MIN_BYTES up
 # to STAGED_MAX_BYTES only where `allreduce._Tuner` times it faster than the ring. See the module
 # docstring for the figures.
-STAGED_MIN_BYTES = 256 << 10
+STAGED_MIN_BYTES = 128 << 10
 TUNED_MIN_BYTES = 1 << 20
 STAGED_MAX_BYTES = 16 << 20
 NODE_BUDGET_BYTES = 256 << 20  # at most this much /dev/shm per node for "auto"'s slots

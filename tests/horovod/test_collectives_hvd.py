@@ -60,7 +60,7 @@ def test_prescale_and_postscale(dtype, size):
 @pytest.mark.parametrize("dtype,shape", [(torch.float64, (70_001,)),   # 560 KB: staged
                                          (torch.float32, (300, 1001))])  # 1.2 MB: tuned
 def test_large_float_allreduce_through_mpimls_allreducer(dtype, shape):
-    """Float buffers from 256 KiB go through an `Allreducer` (staged, or timed against the
+    """Float buffers from 128 KiB go through an `Allreducer` (staged, or timed against the
     ring): thirty calls, past its tuning round (up to 3 algorithms x 9 calls), each against
     the oracle."""
     for call in range(30):

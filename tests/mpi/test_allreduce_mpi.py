@@ -245,7 +245,7 @@ def test_ranks_configured_differently_fail_together(comm):
 
 
 def test_auto_stages_mid_sizes_on_one_node(comm):
-    """On one node "auto" stages from 256 KiB, times staged against the ring (and doubling at
+    """On one node "auto" stages from 128 KiB, times staged against the ring (and doubling at
     1 MiB) from 1 MiB to 16 MiB and keeps the fastest, the same choice on every rank; MPI
     below, the ring above.
     Every call matches the oracle and is identical on every rank, whichever algorithm ran."""
