@@ -4,10 +4,8 @@ Why: between two ranks on one node, MPI moves a message by copying it into a sha
 and out again, and the ring does that 2(N-1) times per element with an add in between. When the
 buckets themselves live in memory that every rank of the node can read (an MPI shared window,
 `MPI_Win_allocate_shared`), each of the L local ranks instead sums its own 1/L *share* of a
-bucket straight out of its peers' buffers, and then copies the other shares from their owners:
-about 2.5 bucket sizes of memory traffic per rank, against about 6 for the ring through MPI.
-Measured at N = 2 on the 2-core machine (`scripts/bench_allreduce.py`): 64 MiB in 10-12 ms
-against 16-17 ms for our ring and 29-40 ms for MPICH's Allreduce.
+bucket straight out of its peers' buffers and writes the result into every one of them:
+about 2 bucket sizes of memory traffic per rank, against about 6 for the ring through MPI.
 
 One bucket, L local ranks, K elements cut into L shares s0..s{L-1}::
 
@@ -15,23 +13,30 @@ One bucket, L local ranks, K elements cut into L shares s0..s{L-1}::
     rank r: s_r += s_r of every peer  (in its own buffer, read from theirs)
     across nodes: s_r allreduced by the ring among the ranks of local rank r on every node
     rank r: s_r /= N                  (averaged by its owner only)
-    barrier
-    rank r: s_q = s_q of rank q, for every q != r
-    barrier                          nobody refills its bucket while a peer still reads it
+    rank r: s_r of every peer = s_r   (on one node segment by segment, while in cache)
+    barrier                          every bucket holds every average
+
+The owner writes its average over the peers' values it has just read (cache lines it already
+holds); until 2026-12-04 each rank instead copied the other shares from their owners after a
+second barrier, and a third kept anyone from refilling a bucket a peer still read. Both ways
+in one run (N = 2 on the 2-core machine, an experiment script, 120 interleaved repeats; time
+over MPICH's Allreduce on a private buffer): 0.25, 0.17, 0.35, 0.41 and 0.21 at 256 KiB, 1, 4,
+16 and 64 MiB against 0.77, 0.72, 0.72, 0.99 and 0.35; at N = 3, 0.27 and 0.28 at 1 and 16 MiB
+against 0.46 and 0.51.
 
 Same bits everywhere: each share's final value is computed by one rank per node (its owner;
 across nodes the ring's result is bitwise identical on its ranks) and only copied by the others.
 
 With `params=True` the node also keeps one copy of the parameters, laid out like the buckets
 (`param_tensors`), and `reduce(i, whole=False)` stops after the sum: each rank then updates the
-parameters of its own share (`owned`) from the average it just computed, so the copy and two
-of the three barriers go, and the optimizer's work per rank drops to 1/L. One `fence()` per step,
-after the update, keeps the order (see `GradSync(shard=True)`). On one node, in the buckets'
-own precision, that average is written over the first peer's part of the share, which the sum
-has just read, instead of into this rank's own bucket (`_sum_into_peer`).
+parameters of its own share (`owned`) from the average it just computed, so the writes into
+the peers and the second barrier go, and the optimizer's work per rank drops to 1/L. One
+`fence()` per step, after the update, keeps the order (see `GradSync(shard=True)`). On one
+node, in the buckets' own precision, that average is written over the first peer's part of the
+share, which the sum has just read, instead of into this rank's own bucket (`_sum_into_peer`).
 
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
-own Allreduce (through an `Allreducer` on the whole communicator) beats three barriers.
+own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
 
 Used by `GradSync` when every node holds the same number of ranks (so the per-local-rank
 communicators line up) and more than one; `usable()` decides collectively. 16-bit buckets are
@@ -53,9 +58,9 @@ from mpiml.comm.staged import shm_free_bytes as shm_free_bytes
 from mpiml.errors import CommError
 
 # Below this a bucket goes through an `Allreducer` (MPI's latency path) on the whole
-# communicator instead: three node barriers cost more than the data. At N = 2 on the 2-core
-# machine the shared path wins from 128 KiB (49 us against MPI's 49-51 us) and loses below
-# (4 KiB: 32 us against 7 us).
+# communicator instead: the node barriers cost more than the data. At N = 2 on the 2-core
+# machine the shared path (then with three barriers) won from 128 KiB (49 us against MPI's
+# 49-51 us) and lost below (4 KiB: 32 us against 7 us).
 SMALL_BUCKET_BYTES = 128 << 10
 
 
@@ -193,9 +198,9 @@ class SharedBuckets:
         `whole=False` leaves only the average of this rank's `owned` share, in
         `average_of_share(index)` (private buckets are still averaged whole): for parameters
         in shared memory, where each rank updates its share and nobody needs the rest. It
-        skips the copy and both barriers after the sum, so the caller must `fence()` before
-        anyone refills a bucket (zero_grad, the next backward) or reads a parameter a peer
-        updates.
+        skips the writes into the peers and the barrier after the sum, so the caller must
+        `fence()` before anyone refills a bucket (zero_grad, the next backward) or reads a
+        parameter a peer updates.
 
         `sources`, with `whole=False` where `keeps_own_share_private(index)`: (start, stop,
         values) pieces of this rank's own share, in ascending order, whose values are not in
@@ -207,34 +212,47 @@ class SharedBuckets:
             raise ValueError("SharedBuckets.reduce: sources only with whole=False")
         mine = self._buckets[self.local_rank][index]
         if not self._shared_index[index]:
-            self._small_reducer(mine)  # latency-bound: one MPI call beats three barriers
+            self._small_reducer(mine)  # latency-bound: one MPI call beats two barriers
             return
         lo, hi = self._shares[index][self.local_rank]
         self._barrier()  # every local rank's gradients are in place
         if self._acc.numel():
             self._sum_half(index, lo, hi)
+            if whole:
+                self._push(index, lo, hi)
         elif not whole and self.keeps_own_share_private(index):
             self._sum_into_peer(index, lo, hi, sources)
         else:
-            self._sum(index, lo, hi)
+            self._sum(index, lo, hi, push=whole)
         if not whole:
             return
-        self._barrier()  # every share is final
-        for q in range(self.local_size):
-            if q != self.local_rank:
-                qlo, qhi = self._shares[index][q]
-                np.copyto(mine[qlo:qhi], self._buckets[q][index][qlo:qhi])
-        self._barrier()  # nobody rewrites a bucket a peer still copies from
+        self._barrier()  # every share's average is in every bucket
 
-    def _sum(self, index: int, lo: int, hi: int) -> None:
-        """Own share += the peers' (then the ring across nodes), averaged, in own buffer."""
+    def _sum(self, index: int, lo: int, hi: int, push: bool) -> None:
+        """Own share += the peers' (then the ring across nodes), averaged, in own buffer; with
+        `push`, also written into every peer's bucket.
+
+        Why push rather than have each peer copy the share from us after another barrier: on
+        one node each segment goes out while it is in cache, over the peers' values the sum
+        has just read, and the copy phase and its closing barrier go (figures in the module
+        docstring)."""
         share = self._buckets[self.local_rank][index]
         peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
         one_node = self._cross_reducer is None  # one node: average per segment, while in cache
-        sum_share(share, peers, lo, hi, self.size if one_node else None)
+        sum_share(share, peers, lo, hi, self.size if one_node else None,
+                  publish=tuple(peers) if push and one_node else ())
         if not one_node:
             self._cross_reducer(share[lo:hi])
             divide(share[lo:hi], self.size)
+            if push:
+                self._push(index, lo, hi)
+
+    def _push(self, index: int, lo: int, hi: int) -> None:
+        """Copy this rank's share of bucket `index` into every peer's."""
+        mine = self._buckets[self.local_rank][index]
+        for q in range(self.local_size):
+            if q != self.local_rank:
+                np.copyto(self._buckets[q][index][lo:hi], mine[lo:hi])
 
     def _sum_into_peer(self, index: int, lo: int, hi: int,
                        sources: list[tuple[int, int, np.ndarray]]) -> None:

@@ -95,10 +95,10 @@ def divide(values: np.ndarray, divisor: int) -> None:
 
 
 def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
-              divisor: int | None = None, publish: np.ndarray | None = None,
+              divisor: int | None = None, publish: tuple[np.ndarray, ...] = (),
               first: np.ndarray | None = None) -> None:
     """target[lo:hi] += every peer's [lo:hi] (in the order given), `SEGMENT_BYTES` at a time;
-    while a segment is in cache, divide it by `divisor` and copy it into `publish`. With
+    while a segment is in cache, divide it by `divisor` and copy it into each of `publish`. With
     `first` (hi - lo values), target[lo:hi] = first + the peers' instead: the same sum, without
     first copying `first` into the target."""
     step = max(1, SEGMENT_BYTES // target.itemsize)
@@ -112,8 +112,8 @@ def sum_share(target: np.ndarray, peers: list[np.ndarray], lo: int, hi: int,
             np.add(segment, peer[start:stop], out=segment)
         if divisor is not None:
             divide(segment, divisor)
-        if publish is not None:
-            np.copyto(publish[start:stop], segment)
+        for out in publish:
+            np.copyto(out[start:stop], segment)
 
 
 class StagedSum:
@@ -190,7 +190,7 @@ class StagedSum:
         lo, hi = bounds[r]
         # The sum lands in our first peer's slot (others[0], our home), then in `buf`.
         sum_share(others[0], others, lo, hi, self.size if self.average else None,
-                  publish=buf, first=buf[lo:hi])
+                  publish=(buf,), first=buf[lo:hi])
         wait(self.node.Ibarrier())  # every share's sum is published
         for q, (a, b) in enumerate(bounds):
             if q != r:
