@@ -204,8 +204,9 @@ class GradSync:
 
     `shard=True` (what the trainer uses, where the buckets are in node-shared memory, see
     `sharded`): the parameters move into one copy per node and `finish()` leaves each rank
-    the average of its own share of every bucket only, for `optim.shard_optimizer` to step;
-    `zero_grad()` is then the point where the node's ranks wait for each other's updates.
+    the average of its own share of every bucket only (`share(i)`, not `.grad`), for
+    `optim.shard_optimizer` to step; `zero_grad()` is then the point where the node's ranks
+    wait for each other's updates.
     """
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
@@ -529,10 +530,11 @@ class GradSync:
 
     # -- completion ---------------------------------------------------------------------------
     def finish(self, bucket_done: Callable[[int], None] | None = None) -> None:
-        """Launch what backward left (unused parameters), wait for all, leave averages in .grad.
+        """Launch what backward left (unused parameters), wait for all, leave averages in .grad
+        (sharded: in `share(i)` instead).
 
         `bucket_done(i)`, if given, is called for each bucket in order as soon as its average
-        is in `.grad` (the parameters are `self.buckets[i].params`), while later buckets may
+        is there (the parameters are `self.buckets[i].params`), while later buckets may
         still be on the wire: the trainer steps the optimizer there, bucket by bucket.
         Only the time spent waiting counts as exposed communication.
         """
