@@ -178,7 +178,9 @@ class SharedBuckets:
 
     def keeps_own_share_private(self, index: int) -> bool:
         """Whether `reduce(index, sources=...)` may take this rank's own share from elsewhere:
-        a shared bucket, summed on this node alone, in its own precision."""
+        a shared bucket, summed on this node alone, in its own precision. There
+        `reduce(index, whole=False)` also leaves the average in a peer's bucket
+        (`average_of_share`)."""
         return (self._shared_index[index] and self._cross_reducer is None
                 and self.dtype not in ("float16", "bfloat16"))
 
