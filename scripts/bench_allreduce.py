@@ -131,12 +131,8 @@ def time_size(comm: MPI.Comm, calls: dict[str, Callable[[], None]], repeats: int
               ) -> dict[str, float]:
     """Median over repeats of the slowest rank's time per call, candidates interleaved.
 
-    Before each call every rank writes the buffer that call reads (`inputs[name]`, zeros,
-    not timed), as backward writes gradients before they are summed: an allreduce's input
-    has just been produced by its own rank. Reused as the previous candidate left it, its
-    cache lines may still sit in the peer's cache, written there by that candidate's kernel
-    copies, and the next candidate pays for fetching them back (see the module docstring).
-    """
+    With `inputs`, every rank writes the buffer a call reads (`inputs[name]`, zeros, not
+    timed) before the call: why, in the module docstring."""
     names = list(calls)
     mine = np.zeros((len(names), repeats))
     for rep in range(WARMUP + repeats):

@@ -52,7 +52,7 @@ from mpi4py import MPI
 
 from mpiml.comm.allreduce import DTYPES, Allreducer, as_torch, storage_dtype
 from mpiml.comm.ring import blocking_wait, polling_wait
-from mpiml.comm.staged import ALIGN_BYTES, divide, share_bounds, sum_share
+from mpiml.comm.staged import ALIGN_BYTES, divide, first_peer, share_bounds, sum_share
 from mpiml.comm.staged import SHM_DIR as SHM_DIR  # re-exported: where windows live
 from mpiml.comm.staged import shm_free_bytes as shm_free_bytes
 from mpiml.errors import CommError
@@ -116,11 +116,10 @@ class SharedBuckets:
             for q, peer in enumerate(self._peers)]
         self._shares = [share_bounds(n, self.local_size, align) for n in lengths]
         self.tensors = [as_torch(b, dtype) for b in self._buckets[self.local_rank]]
-        # Where `reduce(i, whole=False)` may leave this rank's average (see `average_of_share`):
-        # the bucket of its first peer in rank order.
-        home = 1 if self.local_rank == 0 else 0
+        # Where `reduce(i, whole=False)` may leave this rank's average (see `average_of_share`).
         self._home_tensors = ([as_torch(b, dtype) if shared else None for b, shared in
-                               zip(self._buckets[home], self._shared_index, strict=True)]
+                               zip(self._buckets[first_peer(self.local_rank)],
+                                   self._shared_index, strict=True)]
                               if self.local_size > 1 else [])
         for t in self.tensors:
             t.zero_()
@@ -239,7 +238,7 @@ class SharedBuckets:
         has just read, and the copy phase and its closing barrier go (figures in the module
         docstring)."""
         share = self._buckets[self.local_rank][index]
-        peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
+        peers = self._peer_buckets(index)
         one_node = self._cross_reducer is None  # one node: average per segment, while in cache
         sum_share(share, peers, lo, hi, self.size if one_node else None,
                   publish=tuple(peers) if push and one_node else ())
@@ -252,9 +251,13 @@ class SharedBuckets:
     def _push(self, index: int, lo: int, hi: int) -> None:
         """Copy this rank's share of bucket `index` into every peer's."""
         mine = self._buckets[self.local_rank][index]
-        for q in range(self.local_size):
-            if q != self.local_rank:
-                np.copyto(self._buckets[q][index][lo:hi], mine[lo:hi])
+        for peer in self._peer_buckets(index):
+            np.copyto(peer[lo:hi], mine[lo:hi])
+
+    def _peer_buckets(self, index: int) -> list[np.ndarray]:
+        """Bucket `index` of every other local rank, in rank order (the first is
+        `first_peer`'s)."""
+        return [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
 
     def _sum_into_peer(self, index: int, lo: int, hi: int,
                        sources: list[tuple[int, int, np.ndarray]]) -> None:
@@ -272,8 +275,8 @@ class SharedBuckets:
         Operands in the order of `_sum`: own values (from `sources` where they are there,
         else from our bucket), then every peer's in rank order."""
         own = self._buckets[self.local_rank][index]
-        peers = [self._buckets[q][index] for q in range(self.local_size) if q != self.local_rank]
-        target = peers[0]
+        peers = self._peer_buckets(index)
+        target = peers[0]  # first_peer's: where `average_of_share` looks
         done = lo
         for start, stop, values in sources:
             if start > done:

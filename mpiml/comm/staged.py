@@ -79,6 +79,12 @@ def share_bounds(length: int, parts: int, align: int) -> list[tuple[int, int]]:
     return [(cuts[j], cuts[j + 1]) for j in range(parts)]
 
 
+def first_peer(rank: int) -> int:
+    """The local rank whose slot or bucket holds `rank`'s sum: its first peer in rank order
+    (the one the sum reads first, so the result goes over values it has just read)."""
+    return 1 if rank == 0 else 0
+
+
 def divide(values: np.ndarray, divisor: int) -> None:
     """values /= divisor, in place.
 
@@ -137,8 +143,7 @@ class StagedSum:
                  for q in range(self.size)]
         self._sets = [[p[:capacity] for p in peers], [p[capacity:] for p in peers]]
         self._others = [[s for q, s in enumerate(slots) if q != self.rank] for slots in self._sets]
-        # Where each rank's sum is published: its first peer's slot.
-        self._homes = [[slots[1 if q == 0 else 0] for q in range(self.size)]
+        self._homes = [[slots[first_peer(q)] for q in range(self.size)]  # where sums go
                        for slots in self._sets]
         # Fault every page in now, not in the first calls (which a tuner times): one write per
         # page of our slots, then one read per page of every peer's.
