@@ -5,7 +5,9 @@
 Every rank trains the same model on the same synthetic batches with the same thread count, in
 rounds that interleave the contenders, in a fresh order each round (so machine noise hits all
 of them alike). Each round gives a contender two warm-up steps and `--steps` timed ones; the
-median over `--repeats` rounds is reported. Short rounds, many of them: on the shared 2-core
+median over `--repeats` rounds is reported. A first round runs every contender untimed: in
+four runs of the wide MLP without it, 13 of the 17 steps where a rank waited 119-653 ms for a
+stalled peer fell in the first two rounds. Short rounds, many of them: on the shared 2-core
 machine, with about as many steps run in all (154 per contender as 7 rounds of 20, 147 as 21
 rounds of 5), the one-process baseline's median was 10.9-22.2 ms over eight runs of the MLP
 with long rounds and 11.6-13.8 ms with short ones; two contenders running the same algorithm
@@ -32,13 +34,23 @@ The process keeps freed memory for reuse, as the trainer does by default (`mpiml
 
 Rank 0 prints one JSON document: median step times, samples/s, the ratio mpiml/DDP, scaling
 efficiency (per-rank throughput over ``single``), and exposed communication per step (time a
-rank waited for the sync, every rank's timed steps pooled): the mean, which includes the steps
-where a rank waited for a peer whose backward ran late, the median step, and the mean over
-steps of the least any rank waited (the last rank to finish backward: what the sync added to
-the step once every rank had computed). The mean is exactly the last rank's wait plus
-``late_peer_wait_ms_per_step``: what ranks waited beyond it, for a peer still computing (load
-imbalance, which comes with overlap on or off; with one core per rank overlap adds to it, as
-the thread's sums lengthen the backward of whichever rank is late).
+rank waited for the sync, in finish() and at the update fence), in four forms:
+
+- ``exposed_comm_ms_per_step``: like the step times, the median over rounds of the round's
+  mean (over every rank's timed steps). Now and then a rank stalls for hundreds of
+  milliseconds, whatever the contender (above), and its peers wait that long in their sync:
+  one such step moves the mean of a whole run by milliseconds, but the median over rounds
+  hardly. ``overlap_hides`` compares these;
+- ``exposed_comm_ms_pooled_mean``: the plain mean over every step and rank, stalls included
+  (``overlap_hides_pooled_mean``);
+- ``exposed_comm_ms_median_step``: the median over every step and rank;
+- ``exposed_comm_ms_last_rank``: the mean over steps of the least any rank waited (the last
+  rank to finish backward: what the sync added to the step once every rank had computed).
+
+The pooled mean is exactly the last rank's wait plus ``late_peer_wait_ms_per_step``: what ranks
+waited beyond it, for a peer still computing (load imbalance, which comes with overlap on or
+off; with one core per rank overlap adds to it, as the thread's sums lengthen the backward of
+whichever rank is late).
 """
 
 from __future__ import annotations
@@ -191,7 +203,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
             world.barrier()
             timed_steps(models[key], batches, 1, step_fn[key], syncs[key].zero_grad)
         syncs[key].reset_stats()
-    for rep in range(repeats):
+    for rep in range(-1, repeats):
         # A fresh order every repeat, the same on every rank (seeded by the repeat): whoever
         # runs first after rank 0's solo run, or right after a contender that leaves threads
         # behind, is not always the same one.
@@ -199,20 +211,29 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
             world.barrier()
             contend(key)
         world.barrier()
+        if rep == -1:  # an untimed first round: see the module docstring
+            for kept_values in (*times.values(), *exposed.values()):
+                kept_values.clear()
     chosen = syncs["mpiml"].decision
     syncs_sharded = syncs["mpiml"].sharded
     for sync in syncs.values():
         sync.close()
     med = {k: statistics.median(v) for k, v in times.items() if v}
     med = world.bcast_object(med)
-    # Exposed time per step comes in two shapes: a few milliseconds, and now and then tens of
+    # Exposed time per step comes in three shapes: a few milliseconds; now and then tens of
     # milliseconds when one rank's backward ran late and the others waited for it (load
-    # imbalance, which the machine's noise causes in either mode). The median step shows what
-    # the sync itself leaves exposed; the mean also charges the waits for a late rank.
-    # Every rank's steps, pooled: a late rank makes its peers wait, not itself.
+    # imbalance, which the machine's noise causes in either mode); and rarely hundreds of
+    # milliseconds, a stalled peer. The round's mean charges the first two,
+    # and the median over rounds keeps a stall to its own round, as for the step times. The
+    # median step shows what the sync itself leaves exposed. Every rank's steps count: a late
+    # rank makes its peers wait, not itself.
     # The last rank to finish its backward waits least: its wait is what is left of the sync
     # once every rank has computed, the step's critical path, with no peer's lateness in it.
     by_rank = {k: world.allgather_object(v) for k, v in exposed.items()}
+    exp_round = {k: statistics.median(statistics.mean(x for mine_steps in v
+                                                      for x in mine_steps[j : j + steps])
+                                      for j in range(0, len(v[0]), steps))
+                 for k, v in by_rank.items()}
     exposed = {k: [x for steps_of in v for x in steps_of] for k, v in by_rank.items()}
     exp = {k: statistics.mean(v) for k, v in exposed.items()}
     exp_median = {k: statistics.median(v) for k, v in exposed.items()}
@@ -229,12 +250,17 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
                                for k in (*mine, "ddp", "local")},
         "mpiml_vs_no_sync": round(med["local"] / med["mpiml"], 3),
         "sharded": syncs_sharded,
-        "comm_ms_per_step": round(exp["mpiml_sync"] * 1e3, 2),
+        "comm_ms_per_step": round(exp_round["mpiml_sync"] * 1e3, 2),
         "exposed_comm_ms_per_step": {
+            "mpiml": round(exp_round["mpiml"] * 1e3, 2),
+            "mpiml_overlap": round(exp_round["mpiml_overlap"] * 1e3, 2),
+            "mpiml_no_overlap": round(exp_round["mpiml_sync"] * 1e3, 2),
+            "ddp_estimate": round(max(0.0, med["ddp"] - med["local"]) * 1e3, 2),
+        },
+        "exposed_comm_ms_pooled_mean": {
             "mpiml": round(exp["mpiml"] * 1e3, 2),
             "mpiml_overlap": round(exp["mpiml_overlap"] * 1e3, 2),
             "mpiml_no_overlap": round(exp["mpiml_sync"] * 1e3, 2),
-            "ddp_estimate": round(max(0.0, med["ddp"] - med["local"]) * 1e3, 2),
         },
         "exposed_comm_ms_median_step": {
             "mpiml": round(exp_median["mpiml"] * 1e3, 2),
@@ -253,7 +279,10 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
             "mpiml_overlap": round((exp["mpiml_overlap"] - exp_last["mpiml_overlap"]) * 1e3, 2),
             "mpiml_no_overlap": round((exp["mpiml_sync"] - exp_last["mpiml_sync"]) * 1e3, 2),
         },
-        "overlap_hides": round(1 - exp["mpiml_overlap"] / max(exp["mpiml_sync"], 1e-12), 3),
+        "overlap_hides": round(
+            1 - exp_round["mpiml_overlap"] / max(exp_round["mpiml_sync"], 1e-12), 3),
+        "overlap_hides_pooled_mean": round(
+            1 - exp["mpiml_overlap"] / max(exp["mpiml_sync"], 1e-12), 3),
         "overlap_hides_last_rank": round(
             1 - exp_last["mpiml_overlap"] / max(exp_last["mpiml_sync"], 1e-12), 3),
         "overlap_hides_median_step": round(
