@@ -123,6 +123,15 @@ def timed_steps(model: nn.Module, batches: list, steps: int, sync_and_step: Call
     return (time.perf_counter() - start) / steps
 
 
+def median_of_round_means(per_rank: list[list[float]], steps: int) -> float:
+    """The median over rounds of each round's mean over every rank's steps in it, where each
+    rank's list holds its timed steps round after round, `steps` per round."""
+    rounds = len(per_rank[0]) // steps
+    return statistics.median(
+        statistics.mean(x for mine in per_rank for x in mine[j * steps : (j + 1) * steps])
+        for j in range(rounds))
+
+
 def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb: float) -> dict:
     factory, shape = build(name)
     torch.manual_seed(0)
@@ -230,10 +239,7 @@ def run(world: World, name: str, steps: int, repeats: int, batch: int, bucket_mb
     # The last rank to finish its backward waits least: its wait is what is left of the sync
     # once every rank has computed, the step's critical path, with no peer's lateness in it.
     by_rank = {k: world.allgather_object(v) for k, v in exposed.items()}
-    exp_round = {k: statistics.median(statistics.mean(x for mine_steps in v
-                                                      for x in mine_steps[j : j + steps])
-                                      for j in range(0, len(v[0]), steps))
-                 for k, v in by_rank.items()}
+    exp_round = {k: median_of_round_means(v, steps) for k, v in by_rank.items()}
     exposed = {k: [x for steps_of in v for x in steps_of] for k, v in by_rank.items()}
     exp = {k: statistics.mean(v) for k, v in exposed.items()}
     exp_median = {k: statistics.median(v) for k, v in exposed.items()}

@@ -1,0 +1,81 @@
+"""The benchmark scripts under real mpiexec, in miniature: they run, and their JSON holds what
+their docstrings promise, computed from their own medians (not timed: the figures themselves
+are for the README, from full runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mpirun import REPO, python, run_mpi
+
+
+def bench(n: int, script: str, out, *args: str) -> dict:
+    job = run_mpi(n, [python(), str(REPO / "scripts" / script), *args, "--out", str(out)],
+                  timeout=180)
+    assert job.returncode == 0, job.output
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_bench_allreduce_compares_every_size_with_mpi(tmp_path, n):
+    doc = bench(n, "bench_allreduce.py", tmp_path / "ar.json",
+                "--sizes", "4KiB,1MiB", "--repeats", "3", "--no-gloo")
+    assert doc["world_size"] == n
+    assert [r["bytes"] for r in doc["results"]] == [4096, 1 << 20]
+    for r in doc["results"]:
+        us = r["median_us"]
+        assert us["mpiml"] > 0 and us["mpi"] > 0
+        assert r["ratio_vs_mpi"] == pytest.approx(us["mpiml"] / us["mpi"], rel=0.02, abs=0.002)
+        algbw = r["bytes"] / (us["mpiml"] * 1e-6) / 1e9
+        assert r["algbw_GBps"]["mpiml"] == pytest.approx(algbw, rel=0.02, abs=0.002)
+        assert r["busbw_GBps"]["mpiml"] == pytest.approx(algbw * 2 * (n - 1) / n,
+                                                         rel=0.02, abs=0.002)
+
+
+def test_bench_train_reports_every_contender_and_the_ratios(tmp_path):
+    doc = bench(2, "bench_train.py", tmp_path / "train.json",
+                "--models", "mlp", "--repeats", "3", "--steps", "2", "--batch", "8")
+    (result,) = doc["results"]
+    step = result["step_ms"]
+    assert set(step) == {"mpiml", "mpiml_overlap", "mpiml_sync", "mpiml_unsharded", "ddp",
+                         "local", "single"}
+    assert all(v > 0 for v in step.values())
+    assert result["ratio_mpiml_over_ddp"] == pytest.approx(step["ddp"] / step["mpiml"],
+                                                           rel=0.02)
+    assert result["scaling_efficiency"]["mpiml"] == pytest.approx(
+        step["single"] / step["mpiml"], rel=0.02)
+    assert result["sharded"] is True
+    assert result["mpiml_overlap_choice"].startswith("comm.overlap auto: ")
+    for form in ("exposed_comm_ms_per_step", "exposed_comm_ms_pooled_mean",
+                 "exposed_comm_ms_median_step", "exposed_comm_ms_last_rank"):
+        values = result[form]
+        assert all(math.isfinite(v) and v >= 0 for v in values.values()), form
+        # the last rank to finish backward waits least: never more than the pooled mean
+        if form == "exposed_comm_ms_last_rank":
+            pooled = result["exposed_comm_ms_pooled_mean"]
+            assert all(values[k] <= pooled[k] + 0.01 for k in values)
+    # overlap_hides from the same statistic (both inputs rounded to 0.01 ms in the JSON)
+    on, off = (result["exposed_comm_ms_per_step"][k] for k in ("mpiml_overlap",
+                                                                "mpiml_no_overlap"))
+    slack = (on + 0.005) / max(off - 0.005, 1e-9) - on / off + 0.001
+    assert abs(result["overlap_hides"] - (1 - on / off)) <= slack
+
+
+def test_exposed_time_per_step_keeps_a_stalled_step_to_its_round():
+    import sys
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_train import median_of_round_means
+
+    rng = np.random.default_rng(0)
+    steps, rounds = 5, 7
+    per_rank = rng.uniform(1e-3, 3e-3, (2, rounds * steps))
+    per_rank[1, 2] = 0.5  # rank 1 waited 500 ms in round 0 for a stalled peer
+    by_round = per_rank.reshape(2, rounds, steps).transpose(1, 0, 2).reshape(rounds, -1)
+    expected = np.median(by_round.mean(axis=1))
+    got = median_of_round_means(per_rank.tolist(), steps)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got < 3e-3 < per_rank.mean()  # the pooled mean would carry the stall
