@@ -130,8 +130,12 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.o
     accepted = inspect.signature(type(optimizer)).parameters
     inner = type(optimizer)(shares, **{k: v for k, v in settings.items() if k in accepted})
     inner.param_groups[0].update(settings)
-    # Where each bucket's elements go in the unsharded layout: (param index, shape) in order.
-    layout = [[(index[id(p)], p.shape) for p in bucket.params] for bucket in sync.buckets]
+    # Where each bucket's elements go in the unsharded layout: (param index, shape, start in
+    # the bucket) in order; the bucket's length, padding between slots included.
+    layout = [[(index[id(p)], p.shape, start) for p, start in zip(bucket.params, bucket.starts,
+                                                                   strict=True)]
+              for bucket in sync.buckets]
+    lengths = [bucket.buffer.numel() for bucket in sync.buckets]
     owned = [sync.owned(i) for i in range(len(sync.buckets))]
 
     def to_whole(_: torch.optim.Optimizer, sd: dict) -> dict | None:
@@ -149,16 +153,14 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.o
                     whole[key] = torch.cat([p[key] for p in per_rank])
                 else:  # per bucket (Adam's `step`): the same on every share
                     whole[key] = value
-            offset = 0
-            for param_index, shape in params:
+            for param_index, shape, start in params:
                 n = math.prod(shape)
                 # Every tensor its own (a `step` shared by several parameters would count
                 # once per parameter in an unsharded optimizer that loads this).
                 state[param_index] = {
-                    key: (v[offset : offset + n].view(shape).clone()
+                    key: (v[start : start + n].view(shape).clone()
                           if isinstance(v, torch.Tensor) and v.dim() == 1 else _own(v))
                     for key, v in whole.items()}
-                offset += n
         group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
         return {"state": state, "param_groups": [{**group, "params": list(range(len(full)))}]}
 
@@ -172,14 +174,14 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.o
         saved = sd["state"]
         state: dict[int, dict] = {}
         for i, params in enumerate(layout):
-            entries = [saved.get(ids[param_index]) for param_index, _ in params]
+            entries = [saved.get(ids[param_index]) for param_index, _, _ in params]
             if all(e is None for e in entries):
                 continue
             if any(e is None for e in entries):
                 raise ValueError(f"the optimizer state covers only part of gradient bucket {i}")
             lo, hi = owned[i]
             state[i] = {
-                key: (torch.cat([e[key].reshape(-1) for e in entries])[lo:hi].clone()
+                key: (_bucket_layout([e[key] for e in entries], params, lengths[i])[lo:hi]
                       if isinstance(value, torch.Tensor) and value.dim() > 0 else _own(value))
                 for key, value in entries[0].items()}
         group = {k: v for k, v in groups[0].items() if k != "params"}
@@ -188,6 +190,15 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.o
     inner.register_state_dict_post_hook(to_whole)
     inner.register_load_state_dict_pre_hook(from_whole)
     return inner
+
+
+def _bucket_layout(values: list[torch.Tensor], params: list[tuple[int, torch.Size, int]],
+                   length: int) -> torch.Tensor:
+    """Per-parameter state laid out as its bucket is: each at its slot, zeros between."""
+    flat = torch.zeros(length, dtype=values[0].dtype)
+    for value, (_, _, start) in zip(values, params, strict=True):
+        flat[start : start + value.numel()] = value.reshape(-1)
+    return flat
 
 
 def _own(value: object) -> object:

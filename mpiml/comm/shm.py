@@ -341,6 +341,11 @@ def _layout(lengths: list[int], align: int) -> tuple[list[int], int]:
 
 
 def _private(length: int, dtype: str) -> np.ndarray:
-    """A zeroed array; sliced from a longer one, so that even an empty one has a unit stride
-    (numpy gives `np.zeros(0)` a zero stride, which torch cannot view as bytes)."""
-    return np.zeros(length + 1, dtype=storage_dtype(dtype))[:length]
+    """A zeroed array starting on a cache line, as the shared buckets do (numpy's own
+    alignment is 16 bytes); sliced from a longer one, so that even an empty one has a unit
+    stride (numpy gives `np.zeros(0)` a zero stride, which torch cannot view as bytes)."""
+    kind = storage_dtype(dtype)
+    spare = ALIGN_BYTES // kind.itemsize
+    raw = np.zeros(length + spare + 1, dtype=kind)
+    skip = (-raw.ctypes.data % ALIGN_BYTES) // kind.itemsize
+    return raw[skip : skip + length]

@@ -256,9 +256,12 @@ def test_own_share_kept_out_of_the_bucket_until_the_sum(world, overlap, bucket_m
             everyone = world.allgather_object(mine)
             names = {id(q): n for n, q in model.named_parameters()}
             for bucket in sync.buckets:  # sharded: the average is in this rank's share only
-                expected = np.concatenate([
-                    np.mean([g[names[id(q)]].astype(np.float64) for g in everyone],
-                            axis=0).reshape(-1) for q in bucket.params])
+                expected = np.zeros(bucket.buffer.numel())  # padding between slots: zeros
+                for q, view in zip(bucket.params, bucket.views, strict=True):
+                    at = (view.data_ptr() - bucket.buffer.data_ptr()) // view.element_size()
+                    expected[at : at + q.numel()] = np.mean(
+                        [g[names[id(q)]].astype(np.float64) for g in everyone],
+                        axis=0).reshape(-1)
                 lo, hi = sync.owned(bucket.index) if sync.sharded else (0, expected.size)
                 got = sync.share(bucket.index)[1] if sync.sharded else bucket.buffer
                 np.testing.assert_allclose(got.numpy(), expected[lo:hi],
