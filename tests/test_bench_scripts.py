@@ -14,6 +14,8 @@ import pytest
 
 from mpirun import REPO, kill_group, python, run_mpi
 
+sys.path.insert(0, str(REPO / "scripts"))  # the scripts' own helpers, imported below
+
 
 def bench(n: int, script: str, out, *args: str) -> dict:
     job = run_mpi(n, [python(), str(REPO / "scripts" / script), *args, "--out", str(out)],
@@ -69,7 +71,6 @@ def test_bench_train_reports_every_contender_and_the_ratios(tmp_path):
 
 
 def test_exposed_time_per_step_keeps_a_stalled_step_to_its_round():
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench_train import median_of_round_means
 
     rng = np.random.default_rng(0)
@@ -94,7 +95,6 @@ def test_bench_memory_reports_growth_in_gradient_sizes_from_its_peaks():
         pytest.fail(f"bench_memory.py did not finish within 180 s\n{out}\n{err}")
     assert proc.returncode == 0, err
     doc = json.loads(out)
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench_train import build
 
     factory, _ = build("mlp")

@@ -103,8 +103,9 @@ class SharedBuckets:
         # Small buckets stay private: MPI is slower on window memory (16 us against 11 us
         # for a 4 KiB Allreduce here), and they never take the shared path anyway.
         self._shared_index = [n * itemsize >= small_bytes for n in lengths]
-        starts, total = _layout([n if shared else 0 for n, shared
-                                 in zip(lengths, self._shared_index, strict=True)], align)
+        starts, total = aligned_layout([n if shared else 0 for n, shared
+                                        in zip(lengths, self._shared_index, strict=True)],
+                                       align)
         self.win = MPI.Win.Allocate_shared(max(total, 1) * itemsize, itemsize, comm=self.node)
         self._peers = [self._window_array(q, max(total, 1)) for q in range(self.local_size)]
         # Bucket i of local rank q (None: a private bucket of another rank), and this rank's
@@ -128,7 +129,7 @@ class SharedBuckets:
         self.param_win: MPI.Win | None = None
         self.param_tensors: list[torch.Tensor] = []
         if params:
-            pstarts, ptotal = _layout(lengths, align)
+            pstarts, ptotal = aligned_layout(lengths, align)
             first = self.local_rank == 0
             self.param_win = MPI.Win.Allocate_shared(max(ptotal, 1) * itemsize if first else 0,
                                                      itemsize, comm=self.node)
@@ -331,7 +332,7 @@ class SharedBuckets:
             self.node.Free()
 
 
-def _layout(lengths: list[int], align: int) -> tuple[list[int], int]:
+def aligned_layout(lengths: list[int], align: int) -> tuple[list[int], int]:
     """Start of each of `lengths` laid end to end, each rounded up to `align`; and the total."""
     starts, total = [], 0
     for n in lengths:

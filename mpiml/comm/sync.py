@@ -48,6 +48,7 @@ from mpi4py import MPI
 from mpiml.comm import shm
 from mpiml.comm.allreduce import Allreducer
 from mpiml.comm.shm import SharedBuckets
+from mpiml.comm.staged import ALIGN_BYTES
 from mpiml.comm.world import World
 from mpiml.errors import CommError, unwinding_alone
 
@@ -92,11 +93,9 @@ def check_layout(world: World, module: torch.nn.Module) -> None:
     return None
 
 
-_SLOT_ALIGN_BYTES = 64  # a cache line
-
-
 def _slot_starts(params: list[torch.nn.Parameter]) -> tuple[list[int], int]:
-    """Where each parameter's slot starts in its bucket (in elements), and the bucket's length.
+    """Where each parameter's slot starts in its bucket (in elements), and the bucket's length:
+    laid out as the buckets are in their shared window (`shm.aligned_layout`).
 
     Why each slot starts on a cache line: buckets begin on one, but laid end to end a
     10-element bias first (the last layer's, first in reverse order) shifted every later
@@ -109,18 +108,14 @@ def _slot_starts(params: list[torch.nn.Parameter]) -> tuple[list[int], int]:
     gradient lands there, and the optimizers mpiml shards leave a parameter with zero
     gradient and zero state at zero.
     """
-    starts, offset = [], 0
-    for p in params:
-        step = max(1, _SLOT_ALIGN_BYTES // p.element_size())
-        offset = -(-offset // step) * step
-        starts.append(offset)
-        offset += p.numel()
-    return starts, offset
+    line = max(1, ALIGN_BYTES // params[0].element_size())  # a bucket holds one dtype
+    starts, _ = shm.aligned_layout([p.numel() for p in params], line)
+    return starts, starts[-1] + params[-1].numel()
 
 
-def _views(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Each parameter's slot in a flat buffer laid out by `_slot_starts`, shaped like it."""
-    starts, _ = _slot_starts(params)
+def _views(flat: torch.Tensor, params: list[torch.nn.Parameter],
+           starts: list[int]) -> list[torch.Tensor]:
+    """Each parameter's slot in a flat buffer (from `_slot_starts`), shaped like it."""
     return [flat[start : start + p.numel()].view_as(p)
             for start, p in zip(starts, params, strict=True)]
 
@@ -319,7 +314,7 @@ class GradSync:
     def _share_parameters(self) -> None:
         """Move every bucketed parameter into the node's single copy (already broadcast, so
         the first local rank's values are everyone's)."""
-        views = [_views(self._shared[b.buffer.dtype].param_tensors[b.slot], b.params)
+        views = [_views(self._shared[b.buffer.dtype].param_tensors[b.slot], b.params, b.starts)
                  for b in self.buckets]
         if self._node.local_rank == 0:
             with torch.no_grad():
@@ -381,7 +376,7 @@ class GradSync:
                 buffer = self._shared[dtype].tensors[position]
             else:
                 buffer = torch.zeros(total, dtype=dtype)
-            views = _views(buffer, group)
+            views = _views(buffer, group, starts)
             buckets.append(_Bucket(index, buffer, group, views, starts, pending=len(group),
                                    slot=position))
         layout = [(b.buffer.numel(), str(b.buffer.dtype)) for b in buckets]
