@@ -35,6 +35,17 @@ the peers and the second barrier go, and the optimizer's work per rank drops to 
 node, in the buckets' own precision, that average is written over the first peer's part of the
 share, which the sum has just read, instead of into this rank's own bucket (`_sum_into_peer`).
 
+Why one node copy and not a private copy per rank: the owner's update writes lines that every
+rank read in its forward, which costs on this machine when the caches are in their slow state
+(writing 3.8 MB of lines the other core has read: 1.2-1.6 ms at some times, 0.2 at others).
+Private parameters, the owner's share published into its peers' buckets after the update and
+copied out after the fence, make every cross-core write land on lines the other core wrote
+last; but the two copies cost more than they save (the MLP of `scripts/bench_train.py` at
+N = 2, 2026-12-05, both as contenders, ten runs, half in each creation order): fence and
+copies 0.52-0.58 ms longer; in nine runs in the fast state the update was 0-0.30 ms
+shorter and the step 0.07-0.83 ms longer, in the one run in the slow state 0.48 and 0.26 ms
+shorter.
+
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
 
