@@ -29,6 +29,12 @@ the 2-core machine (2026-12-03, `scripts/bench_train.py`) the overlapped step wa
 than the synchronous one in seven of eight runs of the wide MLP and in both runs of the CNN,
 by up to 10%, yet 12 timed steps per mode with a 2% margin chose overlap in one of each (the
 CNN then fell 1% behind DDP).
+
+Why a thread, and not the hook that completes a bucket reducing it on the spot (overlap with
+no thread, the sum while the gradients are still in cache): as a contender against the
+synchronous path (the MLP of `scripts/bench_train.py` at N = 2, 2026-12-05, five runs, both
+creation orders) its steps were 0.31-0.53 ms longer in four runs and 0.08 ms shorter in one:
+a rank that completes a bucket first waits in the middle of its backward for the others.
 """
 
 from __future__ import annotations
