@@ -45,6 +45,11 @@ N = 2, 2026-12-05, both as contenders, ten runs, half in each creation order): f
 copies 0.52-0.58 ms longer; in nine runs in the fast state the update was 0-0.30 ms
 shorter and the step 0.07-0.83 ms longer, in the one run in the slow state 0.48 and 0.26 ms
 shorter.
+Nor did keeping each rank's parameters in its own bucket (its share updated in place there, the
+peers' shares published into it by their owners, and overwritten by the hook's gradient copy
+once backward is done with them): one copy instead of two, but the MLP's steps went from
+1.08 ms shorter to 0.49 ms longer over seven runs (median 0.21 ms shorter), and the wide MLP's
+were 9.9 ms longer in one (publishing its 50 MB share took 5.8 ms per step).
 
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
