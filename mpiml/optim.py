@@ -181,7 +181,8 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.o
                 raise ValueError(f"the optimizer state covers only part of gradient bucket {i}")
             lo, hi = owned[i]
             state[i] = {
-                key: (_bucket_layout([e[key] for e in entries], params, lengths[i])[lo:hi]
+                # cloned: the share alone, not a view keeping the whole bucket's state alive
+                key: (_bucket_layout([e[key] for e in entries], params, lengths[i])[lo:hi].clone()
                       if isinstance(value, torch.Tensor) and value.dim() > 0 else _own(value))
                 for key, value in entries[0].items()}
         group = {k: v for k, v in groups[0].items() if k != "params"}

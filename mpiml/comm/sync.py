@@ -297,8 +297,9 @@ class GradSync:
         """Shared-memory buckets per dtype, or {} to reduce private ones (decided collectively)."""
         if algorithm != "auto" or self.size == 1 or not shm.usable(self.comm, node_comm):
             return {}
+        lengths = [_slot_starts(g)[1] for g in groups]  # padding between slots included
         need = (node_comm.Get_size() + params) * sum(
-            _slot_starts(g)[1] * g[0].element_size() + 64 for g in groups)
+            n * g[0].element_size() + 64 for n, g in zip(lengths, groups, strict=True))
         free = shm.shm_free_bytes()
         enough = free is None or free >= need * 1.1
         if not all(self.comm.allgather(enough)):
@@ -311,8 +312,8 @@ class GradSync:
             return {}
         shared = {}
         for dtype in sorted({g[0].dtype for g in groups}, key=str):
-            lengths = [_slot_starts(g)[1] for g in groups if g[0].dtype == dtype]
-            shared[dtype] = SharedBuckets(self.comm, node_comm, lengths, _KIND[dtype],
+            mine = [n for n, g in zip(lengths, groups, strict=True) if g[0].dtype == dtype]
+            shared[dtype] = SharedBuckets(self.comm, node_comm, mine, _KIND[dtype],
                                           wire=_WIRE[compression], polling=self.overlap,
                                           params=params)
         return shared

@@ -190,6 +190,11 @@ def test_state_dict_is_the_unsharded_one_and_loads_back(world, kind):
         # rank) and into a fresh plain one: the next steps must still agree.
         fresh = shard_optimizer(OPTIMIZERS[kind](model.parameters()), sync)
         fresh.load_state_dict(expected)
+        for share in fresh.param_groups[0]["params"]:  # each rank holds its share's state only
+            for key, value in fresh.state[share].items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    assert value.shape == share.shape, key
+                    assert value.untyped_storage().nbytes() == share.nbytes, key
         fresh_plain = OPTIMIZERS[kind](oracle.parameters())
         fresh_plain.load_state_dict(expected)
         for step in range(3, 5):
