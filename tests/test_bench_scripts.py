@@ -106,3 +106,14 @@ def test_bench_memory_reports_growth_in_gradient_sizes_from_its_peaks():
     for kind, growth in doc["growth_over_plain_in_gradient_sizes"].items():
         expected = (max(peaks[kind]) - peaks["plain"][0]) / doc["grad_mb"]
         assert growth == pytest.approx(expected, abs=0.02 + 0.1 / doc["grad_mb"]), kind
+
+
+def test_probe_coherence_times_every_history_and_wants_two_ranks(tmp_path):
+    from probe_coherence import HISTORIES
+
+    doc = bench(2, "probe_coherence.py", tmp_path / "pc.json", "--mb", "0.2", "--repeats", "6")
+    assert set(doc["median_ms"]) == {*HISTORIES, "private"}
+    assert all(math.isfinite(v) and v > 0 for v in doc["median_ms"].values())
+    job = run_mpi(3, [python(), str(REPO / "scripts" / "probe_coherence.py")], timeout=60)
+    assert job.returncode == 2
+    assert "two ranks on one node" in job.output
