@@ -212,9 +212,9 @@ class CommConfig:
     # start each bucket's allreduce during backward; auto: time the first steps both ways
     # and keep the faster (overlap needs a core or a network to run on beside backward)
     overlap: bool | Literal["auto"] = "auto"
-    # under algorithm auto: one copy of the parameters per node, in shared memory, and each
-    # of the node's ranks runs the optimizer on its 1/L of them (less work and state per
-    # rank; checkpoints keep the usual layout); false: every rank steps every parameter
+    # under algorithm auto: the parameters in node-shared memory, and each of the node's
+    # ranks runs the optimizer on its 1/L of them (less work and state per rank;
+    # checkpoints keep the usual layout); false: every rank steps every parameter
     shard_optimizer: bool = True
     # abort the job (exit 4) when a collective waits this long for a rank; null: never
     timeout_s: float | None = 300.0

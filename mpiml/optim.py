@@ -99,8 +99,8 @@ def bucket_stepper(optimizer: torch.optim.Optimizer, sync: GradSync) -> PartStep
 def shard_optimizer(optimizer: torch.optim.Optimizer, sync: GradSync) -> torch.optim.Optimizer:
     """The same optimizer (class and settings) over this rank's shares of `sync`'s buckets.
 
-    Why: under `GradSync(shard=True)` the node holds one copy of the parameters in shared
-    memory and each of its L ranks updates only the 1/L of every bucket whose average it
+    Why: under `GradSync(shard=True)` the parameters are in node-shared memory and each of
+    the node's L ranks updates only the 1/L of every bucket whose average it
     computed (`sync.share(i)`), so a step costs each rank 1/L of the optimizer's work and
     state. Only for optimizers whose update of an element depends on that element alone
     (SGD, Adam, AdamW: all `build_optimizer` makes), with one param group.

@@ -16,7 +16,7 @@ with long rounds and 11.6-13.8 ms with short ones; two contenders running the sa
 
 - ``mpiml``: the loop of mpiml's trainer with its defaults: GradSync (fused buckets in
   node-shared memory, ``overlap="auto"``: its first steps time overlap on and off and keep the
-  faster; those steps run before the timed rounds), parameters once per node in shared
+  faster; those steps run before the timed rounds), parameters in node-shared
   memory with each rank stepping its share (``shard=True``, `optim.shard_optimizer`),
   bucket by bucket as averages arrive while overlap is on (`optim.PartStepper`), in one
   step when it is off;

@@ -27,29 +27,45 @@ against 0.46 and 0.51.
 Same bits everywhere: each share's final value is computed by one rank per node (its owner;
 across nodes the ring's result is bitwise identical on its ranks) and only copied by the others.
 
-With `params=True` the node also keeps one copy of the parameters, laid out like the buckets
-(`param_tensors`), and `reduce(i, whole=False)` stops after the sum: each rank then updates the
-parameters of its own share (`owned`) from the average it just computed, so the writes into
-the peers and the second barrier go, and the optimizer's work per rank drops to 1/L. One
-`fence()` per step, after the update, keeps the order (see `GradSync(shard=True)`). On one
-node, in the buckets' own precision, that average is written over the first peer's part of the
-share, which the sum has just read, instead of into this rank's own bucket (`_sum_into_peer`).
+With `params=True` the buckets come with the parameters, laid out like them (`param_tensors`),
+and `reduce(i, whole=False)` stops after the sum: each rank then updates the parameters of its
+own share (`owned`) from the average it just computed, so the writes into the peers and the
+second barrier go, and the optimizer's work per rank drops to 1/L. One `fence()` per step,
+after the update, keeps the order (see `GradSync(shard=True)`). On one node, in the buckets'
+own precision, that average is written over the first peer's part of the share, which the sum
+has just read, instead of into this rank's own bucket (`_sum_into_peer`).
 
-Why one node copy and not a private copy per rank: the owner's update writes lines that every
-rank read in its forward, which costs on this machine when the caches are in their slow state
-(writing 3.8 MB of lines the other core has read: 1.2-1.6 ms at some times, 0.2 at others).
-Private parameters, the owner's share published into its peers' buckets after the update and
-copied out after the fence, make every cross-core write land on lines the other core wrote
-last; but the two copies cost more than they save (the MLP of `scripts/bench_train.py` at
-N = 2, 2026-12-05, both as contenders, ten runs, half in each creation order): fence and
-copies 0.52-0.58 ms longer; in nine runs in the fast state the update was 0-0.30 ms
-shorter and the step 0.07-0.83 ms longer, in the one run in the slow state 0.48 and 0.26 ms
-shorter.
-Nor did keeping each rank's parameters in its own bucket (its share updated in place there, the
-peers' shares published into it by their owners, and overwritten by the hook's gradient copy
-once backward is done with them): one copy instead of two, but the MLP's steps went from
-1.08 ms shorter to 0.49 ms longer over seven runs (median 0.21 ms shorter), and the wide MLP's
-were 9.9 ms longer in one (publishing its 50 MB share took 5.8 ms per step).
+Where the parameters live follows from one fact about this machine (`scripts/probe_coherence.py`,
+two ranks): writing a cache line costs up to ten times more when the other core's last access
+to it was a read than when it was a write (3.8 MB: 1.2-1.6 ms against 0.1-0.2 when the caches
+are in their slow state, which comes and goes within minutes; 0.18 against 0.09 otherwise).
+So every line that carries data from one rank to another should be written back by the rank
+that read it before its writer writes it again.
+
+- Small shares (what a rank reads of its peers' buckets in a step under `HAND_BACK_BYTES`):
+  each rank's parameters live in its own buckets (`holds_own_parameters`). Its own share
+  holds the parameters it updates (lines no other rank touches); each peer's share holds that
+  peer's parameters, which the peer writes there after its update (`hand_back`), this rank
+  reads in forward and backward, and the hook's gradient copy overwrites once backward is done
+  with them. Each line that crosses is written back by its reader: one copy per step (the
+  publication), and no separate copy of the parameters at all.
+  Against one node copy (below), the MLP of `scripts/bench_train.py` at N = 2 (2026-12-05,
+  both as contenders in one run, both creation orders): in the caches' slow state the step
+  was 1.6-2.2 ms shorter in four runs (11.5-11.6 ms down to 9.4-9.9; the update 1.0 ms of
+  it, backward 0.5-1.1), in the fast state 0.24-0.32 ms longer in five runs of six (the
+  publication), 0.12 shorter in one. Larger shares lose: 5 MB gained 0.2-0.3 ms in the slow
+  state, 7 MB nothing, 11.6 MB lost 1.5-2 ms (publishing went to memory); the CNN (1 MB)
+  the same within noise.
+- Otherwise, and wherever the own share is not kept out of the buckets (16 bits, several
+  nodes): one copy per node, in the first local rank's segment. The owner's update then
+  writes lines every rank read in its forward, at the slow price when the caches are slow,
+  but the wide MLP (50 MB shares) has nothing in the caches to lose.
+
+Measured and dropped before that: private parameters per rank, each share published through
+the peers' buckets and copied out after the fence (two copies: the MLP 0.07-0.83 ms longer in
+nine runs, 0.26 shorter in one, 2026-12-05). The layout above was first tried the same day
+without the rule, as a contender against a node copy that left the gradient lines read last:
+1.08 ms shorter to 0.49 longer over seven runs, mostly in the fast state.
 
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
@@ -78,6 +94,12 @@ from mpiml.errors import CommError
 # machine the shared path (then with three barriers) won from 128 KiB (49 us against MPI's
 # 49-51 us) and lost below (4 KiB: 32 us against 7 us).
 SMALL_BUCKET_BYTES = 128 << 10
+
+# Above this many bytes read from the peers' buckets per rank and step, nobody writes them
+# back (`SharedBuckets.hand_back`) and the parameters stay in one copy per node: the lines are
+# no longer in the caches, and the writing costs memory traffic (figures in the module
+# docstring: 3.7 MB gained, 5 MB gained a little in the slow state only, 7 MB nothing).
+HAND_BACK_BYTES = 4 << 20
 
 
 def usable(comm: MPI.Comm, node_comm: MPI.Comm) -> bool:
@@ -140,19 +162,6 @@ class SharedBuckets:
                               if self.local_size > 1 else [])
         for t in self.tensors:
             t.zero_()
-        # One copy per node of the parameters, laid out like the buckets (all of them, small
-        # ones too), in the first local rank's segment: see `owned` for who updates what.
-        self.param_win: MPI.Win | None = None
-        self.param_tensors: list[torch.Tensor] = []
-        if params:
-            pstarts, ptotal = aligned_layout(lengths, align)
-            first = self.local_rank == 0
-            self.param_win = MPI.Win.Allocate_shared(max(ptotal, 1) * itemsize if first else 0,
-                                                     itemsize, comm=self.node)
-            memory, _ = self.param_win.Shared_query(0)
-            flat = np.frombuffer(memory, dtype=storage_dtype(dtype), count=max(ptotal, 1))
-            self.param_tensors = [as_torch(flat[s : s + n], dtype)
-                                  for s, n in zip(pstarts, lengths, strict=True)]
         longest_share = max((hi - lo for bounds, shared in zip(self._shares, self._shared_index,
                                                                strict=True)
                              if shared for lo, hi in bounds), default=0)
@@ -169,6 +178,37 @@ class SharedBuckets:
             self._cross_reducer = Allreducer(
                 self.cross, max(longest_share, 1), kind, algorithm=algorithm,
                 wire=wire if wire != kind else None, polling=polling)
+        # What this rank reads of its peers' buckets in a step, about (the same on every rank):
+        # `hand_back` writes over it, and with `params`, it is what decides the layout.
+        read = (self.local_size - 1) * sum(
+            n for n, shared in zip(lengths, self._shared_index, strict=True) if shared
+        ) * itemsize // self.local_size
+        self._hand_back = read <= HAND_BACK_BYTES
+        self._read_since_fence: list[int] = []
+        # The parameters (see `holds_own_parameters`): in each rank's own buckets where every
+        # shared bucket keeps the own share out and the shares are small, else one copy per
+        # node, laid out like the buckets, in the first local rank's segment.
+        self.params_in_buckets = (params and self.local_size > 1 and self._hand_back
+                                  and any(self._shared_index)
+                                  and all(self.keeps_own_share_private(i)
+                                          for i, shared in enumerate(self._shared_index)
+                                          if shared))
+        self.param_win: MPI.Win | None = None
+        self.param_tensors: list[torch.Tensor] = []
+        if params:
+            node_copy = [0 if self.holds_own_parameters(i) else n for i, n in enumerate(lengths)]
+            pstarts, ptotal = aligned_layout(node_copy, align)
+            first = self.local_rank == 0
+            self.param_win = MPI.Win.Allocate_shared(max(ptotal, 1) * itemsize if first else 0,
+                                                     itemsize, comm=self.node)
+            memory, _ = self.param_win.Shared_query(0)
+            flat = np.frombuffer(memory, dtype=storage_dtype(dtype), count=max(ptotal, 1))
+            # Own buckets as tensors apart from `tensors`, with their own version counters:
+            # the gradient copies into the slots must not count as changes to the parameters.
+            self.param_tensors = [
+                as_torch(self._buckets[self.local_rank][i], dtype)
+                if self.holds_own_parameters(i) else as_torch(flat[s : s + n], dtype)
+                for i, (s, n) in enumerate(zip(pstarts, lengths, strict=True))]
 
     @property
     def polling(self) -> bool:
@@ -200,6 +240,11 @@ class SharedBuckets:
         return (self._shared_index[index] and self._cross_reducer is None
                 and self.dtype not in ("float16", "bfloat16"))
 
+    def holds_own_parameters(self, index: int) -> bool:
+        """Whether `param_tensors[index]` is this rank's own bucket `index` (else it is the
+        node's one copy): see `hand_back` for why, and for what it asks of the caller."""
+        return self.params_in_buckets and self._shared_index[index]
+
     def average_of_share(self, index: int) -> torch.Tensor:
         """This rank's average of bucket `index` after `reduce(index, whole=False)`: `owned`'s
         part of this rank's bucket, or, where `keeps_own_share_private(index)`, of its first
@@ -228,12 +273,17 @@ class SharedBuckets:
         """
         if sources and whole:
             raise ValueError("SharedBuckets.reduce: sources only with whole=False")
+        if whole and self.holds_own_parameters(index):
+            raise ValueError("SharedBuckets.reduce: bucket holds this rank's parameters "
+                             "(params_in_buckets): only whole=False")
         mine = self._buckets[self.local_rank][index]
         if not self._shared_index[index]:
             self._small_reducer(mine)  # latency-bound: one MPI call beats two barriers
             return
         lo, hi = self._shares[index][self.local_rank]
         self._barrier()  # every local rank's gradients are in place
+        if not whole and self._hand_back:
+            self._read_since_fence.append(index)
         if self._acc.numel():
             self._sum_half(index, lo, hi)
             if whole:
@@ -318,6 +368,47 @@ class SharedBuckets:
 
     def _barrier(self) -> None:
         self._wait(self.node.Ibarrier())
+
+    def hand_back(self) -> None:
+        """Write over this rank's share of its peers' buckets, read by each share-only
+        reduction since the last call: with this rank's new parameters where it holds them in
+        its buckets (`holds_own_parameters`: the peers' copy of its share), else with zeros.
+        Call it on every rank once the update is done with the averages, before `fence()`
+        (`GradSync.zero_grad` does both).
+
+        Why write what is only read later, or not at all: each peer writes its next
+        gradients over those lines in its backward, and that costs up to ten times more
+        when this rank read them last (the module docstring). The average is written over a
+        peer's part (`_sum_into_peer`), but the update reads it after that; the 16-bit path
+        and the ring across nodes only read the peers' parts.
+        With the parameters in the buckets the write is the publication of this rank's new
+        share. Elsewhere it is zeros (the padding between slots must stay zero), measured
+        with the MLP of `scripts/bench_train.py` at N = 2 in float32 with a node copy of the
+        parameters (2026-12-05, the loop with and without as contenders, 14 runs, both
+        creation orders): about 0.1 ms a step, and backward up to 0.9 ms shorter; the step
+        0.11-0.81 ms shorter in nine runs (slow caches), 0.07-0.23 ms longer in five (fast),
+        median 0.15 ms shorter. For the wide MLP the 50 MB of zeros cost 2.1 ms and saved
+        nothing: hence `HAND_BACK_BYTES`, for both."""
+        mine = self._buckets[self.local_rank]
+        for index in self._read_since_fence:
+            lo, hi = self._shares[index][self.local_rank]
+            for peer in self._peer_buckets(index):
+                if self.holds_own_parameters(index):
+                    np.copyto(peer[lo:hi], mine[index][lo:hi])
+                else:
+                    peer[lo:hi] = 0
+        self._read_since_fence = []
+
+    def fetch_peer_shares(self, index: int) -> None:
+        """Where this rank holds its parameters in bucket `index`, copy every peer's share of
+        them from the peer's bucket: for a backward whose gradients were copied over them
+        and that no reduction (so no `hand_back`) followed. Only after a `fence()`."""
+        if self.holds_own_parameters(index):
+            mine = self._buckets[self.local_rank][index]
+            for q in range(self.local_size):
+                if q != self.local_rank:
+                    lo, hi = self._shares[index][q]
+                    np.copyto(mine[lo:hi], self._buckets[q][index][lo:hi])
 
     def fence(self) -> None:
         """Node barrier: every share-only reduction and parameter update before it is done."""

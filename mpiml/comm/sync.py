@@ -139,6 +139,10 @@ def _into_slot(param: torch.nn.Parameter, view: torch.Tensor) -> None:
     param.grad = view
 
 
+def _zeros(n: int, dtype: torch.dtype) -> np.ndarray:
+    return numpy_view(torch.zeros(n, dtype=dtype))
+
+
 def _describe(entry: tuple | None) -> str:
     if entry is None:
         return "missing"
@@ -173,6 +177,10 @@ class _Bucket:
     own: list[tuple[int, int]] | None = None
     copied: list[tuple[torch.Tensor, int] | None] = field(default_factory=list)
     sources: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    # Gradients copied over the peers' parts since the last launch: where those parts hold
+    # the peers' parameters (`SharedBuckets.holds_own_parameters`), a zero_grad that comes
+    # without a reduction must fetch them again.
+    unreduced: bool = False
 
 
 @dataclass
@@ -229,10 +237,15 @@ class GradSync:
     """Averages gradients across the world; `finish()` after backward, before the step.
 
     `shard=True` (what the trainer uses, where the buckets are in node-shared memory, see
-    `sharded`): the parameters move into one copy per node and `finish()` leaves each rank
-    the average of its own share of every bucket only (`share(i)`, not `.grad`), for
+    `sharded`): the parameters move into shared memory (each rank's own buckets, or one copy
+    per node: `SharedBuckets.holds_own_parameters`) and `finish()` leaves each rank the
+    average of its own share of every bucket only (`share(i)`, not `.grad`), for
     `optim.shard_optimizer` to step; `zero_grad()` is then the point where the node's ranks
-    wait for each other's updates.
+    hand their new shares to each other and wait for each other's updates. Where a rank
+    holds the parameters in its buckets, the peers' shares of a parameter are overwritten by
+    its gradient once backward is done with it, until `zero_grad()`: do not read the model
+    between backward and `zero_grad()` (the trainer does not), and do not run a second
+    backward through the same parameters before it (`retain_graph`, reentrant checkpointing).
     """
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
@@ -319,15 +332,16 @@ class GradSync:
         return shared
 
     def _share_parameters(self) -> None:
-        """Move every bucketed parameter into the node's single copy (already broadcast, so
-        the first local rank's values are everyone's)."""
+        """Move every bucketed parameter into its place in shared memory: this rank's own
+        bucket, or the node's single copy (`SharedBuckets.holds_own_parameters`). They are
+        already broadcast, so the first local rank's values are everyone's."""
         views = [_views(self._shared[b.buffer.dtype].param_tensors[b.slot], b.params, b.starts)
                  for b in self.buckets]
-        if self._node.local_rank == 0:
-            with torch.no_grad():
-                for bucket in self.buckets:  # the padding between slots too (`_slot_starts`)
-                    self._shared[bucket.buffer.dtype].param_tensors[bucket.slot].zero_()
-                for bucket, bucket_views in zip(self.buckets, views, strict=True):
+        with torch.no_grad():
+            for bucket, bucket_views in zip(self.buckets, views, strict=True):
+                shared = self._shared[bucket.buffer.dtype]
+                if shared.holds_own_parameters(bucket.slot) or self._node.local_rank == 0:
+                    shared.param_tensors[bucket.slot].zero_()  # the padding between slots too
                     for p, view in zip(bucket.params, bucket_views, strict=True):
                         view.copy_(p)
         self._node.fence()  # the copy is complete before any rank points at it
@@ -344,8 +358,8 @@ class GradSync:
     def share(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameters, averaged gradients) of the share of bucket `index` this rank updates.
 
-        Why: with `shard=True` the parameters live once per node, in shared memory, and each
-        of the node's L ranks updates only its 1/L of every bucket, the part whose average it
+        Why: with `shard=True` the parameters live in shared memory, and each of the node's
+        L ranks updates only its 1/L of every bucket, the part whose average it
         computed itself. Nobody copies the other averages in, and the optimizer's work and
         state per rank drop to 1/L. Both are flat views, valid after `finish()` until
         `zero_grad()`. The parameters' `.grad` hold no average: the rest of a bucket is not
@@ -444,8 +458,14 @@ class GradSync:
         if self.sharded:
             start = time.perf_counter()
             with self.world.watch("parameter update"):  # a dead peer stalls us here too
+                for shared in self._shared.values():
+                    shared.hand_back()
                 self._node.fence()
             self.stats.exposed_s += time.perf_counter() - start
+            for bucket in self.buckets:  # a backward that no finish() followed
+                if bucket.unreduced:
+                    self._shared[bucket.buffer.dtype].fetch_peer_shares(bucket.slot)
+                    bucket.unreduced = False
         for bucket in self.buckets:
             for param in bucket.params:
                 param.grad = None
@@ -520,6 +540,7 @@ class GradSync:
         flat, slot = grad.view(-1), view.view(-1)
         slot[:ka].copy_(flat[:ka])
         slot[kb:].copy_(flat[kb:])
+        bucket.unreduced = True
         if ka == kb:  # nothing of ours: the gradient can go
             param.grad = view
             bucket.copied[i] = None
@@ -539,8 +560,15 @@ class GradSync:
         for i, (param, view, offset) in enumerate(zip(bucket.params, bucket.views, bucket.starts,
                                                      strict=True)):
             grad, (ka, kb) = param.grad, bucket.own[i]
-            if (grad is not None and grad.data_ptr() != view.data_ptr() and ka < kb
-                    and grad.is_contiguous()):
+            if ka < kb and grad is None:  # no gradient: zeros, and the own part is not read
+                slot = view.view(-1)  # from the slot (it may hold this rank's parameters)
+                slot[:ka].zero_()
+                slot[kb:].zero_()
+                sources.append((offset + ka, offset + kb, _zeros(kb - ka, view.dtype)))
+                param.grad = view
+            elif ka < kb and grad.data_ptr() != view.data_ptr():
+                if not grad.is_contiguous():
+                    grad = param.grad = grad.contiguous()
                 if bucket.copied[i] is None or bucket.copied[i][0] is not grad \
                         or bucket.copied[i][1] != grad._version:
                     self._copy_for_peers(bucket, i)
@@ -550,6 +578,7 @@ class GradSync:
                 _into_slot(param, view)
             bucket.copied[i] = None
         bucket.sources = sources
+        bucket.unreduced = False  # the reduction that follows hands the parameters back
 
     def _reduce(self, bucket: _Bucket) -> None:
         start = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpiml.comm import World
+from mpiml.comm import World, shm
 from mpiml.comm.sync import GradSync
 from mpiml.optim import bucket_stepper, clip_shards, shard_optimizer
 
@@ -282,3 +282,88 @@ def test_every_slot_starts_on_a_cache_line_and_the_padding_stays_zero(world, kin
             assert sum(gaps) > 0  # Net has padding to check
         for p in model.parameters():
             assert p.data_ptr() % 64 == 0
+
+
+@pytest.fixture(params=["own buckets", "node copy"])
+def layout(request, monkeypatch):
+    """Both places the sharded parameters can live (`SharedBuckets.holds_own_parameters`):
+    each rank's own buckets where the shares are small (Net's are), else one copy per node
+    (forced here by a threshold below every share, which also turns `hand_back` off)."""
+    if request.param == "node copy":
+        monkeypatch.setattr(shm, "HAND_BACK_BYTES", -1)
+    return request.param
+
+
+def test_where_the_parameters_live(world, layout):
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, "sgd", overlap=False)
+    with sync, plain:
+        shared = sync._shared[torch.float32]
+        assert shared.params_in_buckets == (layout == "own buckets")
+        for bucket in sync.buckets:
+            if not shared._shared_index[bucket.slot]:
+                continue
+            own = bucket.buffer.data_ptr(), bucket.buffer.data_ptr() + bucket.buffer.nbytes
+            for p in bucket.params:
+                assert (own[0] <= p.data_ptr() < own[1]) == (layout == "own buckets")
+        for step in range(3):
+            train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, step)
+            train_step(oracle, plain, lambda s: (s.finish(), plain_opt.step()), world.rank, step)
+            same_parameters(model, oracle)
+        same_everywhere(world, model)
+
+
+class Sometimes(Net):
+    """Net with a layer (in a shared bucket, cut by the shares) used on even steps only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(301, 301)
+        self.use_extra = True
+
+    def forward(self, x):
+        h = torch.tanh(self.h(torch.tanh(self.a(x))))
+        if self.use_extra:
+            h = torch.tanh(self.extra(h))
+        return self.b(h) * self.scale
+
+
+def test_a_parameter_without_gradient_keeps_its_values(world, layout):
+    """A step where a layer gets no gradient: its slot goes in as zeros, and where the
+    parameters live in the buckets, the own part of the slot (this rank's parameters) must
+    be neither read as gradient nor zeroed."""
+    if world.size == 1:
+        pytest.skip("one rank: nothing to shard")
+    torch.manual_seed(3)
+    model = Sometimes()
+    oracle = copy.deepcopy(model)
+    kw = dict(bucket_mb=0.001, algorithm="auto", overlap=False)
+    with GradSync(world, model, shard=True, **kw) as sync, \
+            GradSync(world, oracle, shard=False, **kw) as plain:
+        # Adam: a zero gradient still moves a parameter that has momentum, so a wrong one shows
+        opt = shard_optimizer(OPTIMIZERS["adam"](model.parameters()), sync)
+        plain_opt = OPTIMIZERS["adam"](oracle.parameters())
+        for step in range(4):
+            model.use_extra = oracle.use_extra = step % 2 == 0
+            train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, step)
+            train_step(oracle, plain, lambda s: (s.finish(), plain_opt.step()), world.rank, step)
+            same_parameters(model, oracle)
+        same_everywhere(world, model)
+
+
+def test_a_skipped_update_leaves_the_parameters(world, layout):
+    """finish() with no optimizer step (train.nonfinite=skip), and a backward with no
+    finish() at all: zero_grad() must leave every parameter as it was (in the buckets
+    layout, the backward has copied gradients over the peers' shares)."""
+    (model, sync, opt), _ = pair(world, "sgd", overlap=False)
+    with sync:
+        train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, 0)
+        before = [p.detach().clone() for p in model.parameters()]
+        train_step(model, sync, lambda s: s.finish(), world.rank, 1)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        train_step(model, sync, lambda s: None, world.rank, 2)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        same_everywhere(world, model)
+        train_step(model, sync, lambda s: (s.finish(), opt.step()), world.rank, 3)
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(),
+                                                         strict=True))
+        same_everywhere(world, model)
