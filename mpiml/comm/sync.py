@@ -282,11 +282,12 @@ class GradSync:
         self._next = 0  # index of the next bucket to launch: launches go strictly in order
         self._reducers = {} if self._shared else self._build_reducers(algorithm, compression)
         self._executor = ThreadPoolExecutor(1, "mpiml-comm") if self.overlap else None
+        names = {id(p): n for n, p in module.named_parameters()}
         for bucket in self.buckets:  # always: they also move each new gradient in
             self._keep_own_share_out(bucket)
             for i, (param, view) in enumerate(zip(bucket.params, bucket.views, strict=True)):
                 self._hooks.append(param.register_post_accumulate_grad_hook(
-                    self._make_hook(bucket, view, i)))
+                    self._make_hook(bucket, view, i, names[id(param)])))
         self.zero_grad()
 
     # -- layout -------------------------------------------------------------------------------
@@ -487,11 +488,24 @@ class GradSync:
             self._accumulating = False
 
     # -- launching ----------------------------------------------------------------------------
-    def _make_hook(self, bucket: _Bucket, view: torch.Tensor, i: int):
+    def _make_hook(self, bucket: _Bucket, view: torch.Tensor, i: int, name: str):
+        shared = self._shared.get(bucket.buffer.dtype)
+        holds_parameters = shared is not None and shared.holds_own_parameters(bucket.slot)
+
         def hook(param: torch.nn.Parameter) -> None:
             if bucket.own is None:
                 _into_slot(param, view)  # the first gradient since zero_grad: into its bucket
             elif not self._accumulating:
+                if holds_parameters and (bucket.copied[i] is not None
+                                         or param.grad.data_ptr() == view.data_ptr()):
+                    raise CommError(
+                        f"parameter {name!r} got a second gradient before finish(): its "
+                        "peers' shares were overwritten by the first one (the parameters live "
+                        "in the gradient buckets, comm.shard_optimizer with small shares), so "
+                        "the forward or backward since read gradients as weights. Accumulate "
+                        "micro-batches under GradSync.no_sync() (the trainer does), avoid "
+                        "reentrant activation checkpointing around shared weights, or set "
+                        "comm.shard_optimizer: false")
                 self._copy_for_peers(bucket, i)
             if self._accumulating or not self.overlap:
                 return

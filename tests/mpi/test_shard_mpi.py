@@ -19,6 +19,7 @@ from torch import nn
 
 from mpiml.comm import World, shm
 from mpiml.comm.sync import GradSync
+from mpiml.errors import CommError
 from mpiml.optim import bucket_stepper, clip_shards, shard_optimizer
 
 pytestmark = pytest.mark.mpi
@@ -367,3 +368,27 @@ def test_a_skipped_update_leaves_the_parameters(world, layout):
         assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(),
                                                          strict=True))
         same_everywhere(world, model)
+
+
+def test_a_second_backward_before_finish_is_an_error_where_parameters_are_in_buckets(world,
+                                                                                    layout):
+    """Two backward passes without no_sync(): with the parameters in the buckets, the first
+    one's gradient copies have overwritten the peers' shares the second forward read, so the
+    second backward must fail loudly; with one node copy it accumulates as before."""
+    (model, sync, opt), (oracle, plain, plain_opt) = pair(world, "sgd", overlap=False)
+    with sync, plain:
+        model(batch(world.rank, 0)).pow(2).mean().backward()
+        if layout == "own buckets":
+            with pytest.raises(CommError, match="second gradient before finish"):
+                model(batch(world.rank, 1)).pow(2).mean().backward()
+            return
+        model(batch(world.rank, 1)).pow(2).mean().backward()
+        sync.finish()
+        opt.step()
+        sync.zero_grad()
+        for step in (0, 1):
+            oracle(batch(world.rank, step)).pow(2).mean().backward()
+        plain.finish()
+        plain_opt.step()
+        plain.zero_grad()
+        same_parameters(model, oracle)
