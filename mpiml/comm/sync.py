@@ -244,8 +244,9 @@ class GradSync:
     hand their new shares to each other and wait for each other's updates. Where a rank
     holds the parameters in its buckets, the peers' shares of a parameter are overwritten by
     its gradient once backward is done with it, until `zero_grad()`: do not read the model
-    between backward and `zero_grad()` (the trainer does not), and do not run a second
-    backward through the same parameters before it (`retain_graph`, reentrant checkpointing).
+    between backward and `zero_grad()` (the trainer does not); a second gradient for a
+    parameter before `finish()` (two backward passes without `no_sync`, reentrant
+    checkpointing around shared weights) raises CommError.
     """
 
     def __init__(self, world: World, module: torch.nn.Module, bucket_mb: float = 4.0,
