@@ -11,8 +11,8 @@ splits it between them.
 - ``plain``: one process, the same loop with no communication at all;
 - ``mpiml``: ``mpiexec -n NP``, as the trainer runs it (freed memory kept for reuse,
   `mpiml/heap.py`): GradSync with fused buckets in shared memory and the parameters in it
-  too (in each rank's buckets for small models, else once per node), each rank stepping its share (``optim.shard_optimizer``, so each holds 1/NP of the
-  momentum);
+  too (in each rank's buckets for small models, else once per node), each rank stepping its
+  share (``optim.shard_optimizer``, so each holds 1/NP of the momentum);
 - ``mpiml_unsharded``: the same with ``comm.shard_optimizer: false``;
 - ``ddp``: ``mpiexec -n NP``, PyTorch DDP on gloo, for reference.
 """
