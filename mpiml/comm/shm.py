@@ -63,9 +63,12 @@ that read it before its writer writes it again.
 
 Measured and dropped before that: private parameters per rank, each share published through
 the peers' buckets and copied out after the fence (two copies: the MLP 0.07-0.83 ms longer in
-nine runs, 0.26 shorter in one, 2026-12-05). The layout above was first tried the same day
-without the rule, as a contender against a node copy that left the gradient lines read last:
-1.08 ms shorter to 0.49 longer over seven runs, mostly in the fast state.
+nine runs, 0.26 shorter in one, 2026-12-05). The layout above was first measured by an
+experiment script the same day, against the node copy as it was then: 1.08 ms shorter to 0.49
+longer over seven runs, with 0.21 shorter and 0.35 longer in two runs that a probe just before
+had found in the slow state. Later that day every run the probe found slow gained 1.6-2.2 ms
+(eight runs, the script's and the library's); the state may change within a run, and I have
+no better explanation for the first figures.
 
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
@@ -242,7 +245,8 @@ class SharedBuckets:
 
     def holds_own_parameters(self, index: int) -> bool:
         """Whether `param_tensors[index]` is this rank's own bucket `index` (else it is the
-        node's one copy): see `hand_back` for why, and for what it asks of the caller."""
+        node's one copy): see the module docstring for why, `hand_back` for how the peers get
+        this rank's share, and `GradSync` for what it asks of the caller."""
         return self.params_in_buckets and self._shared_index[index]
 
     def average_of_share(self, index: int) -> torch.Tensor:
