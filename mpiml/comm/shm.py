@@ -67,8 +67,8 @@ nine runs, 0.26 shorter in one, 2026-12-05). The layout above was first measured
 experiment script the same day, against the node copy as it was then: 1.08 ms shorter to 0.49
 longer over seven runs, with 0.21 shorter and 0.35 longer in two runs that a probe just before
 had found in the slow state. Later that day every run the probe found slow gained 1.6-2.2 ms
-(eight runs, the script's and the library's); the state may change within a run, and I have
-no better explanation for the first figures.
+(eight runs, the script's and the library's); the state may change within a run, and the
+first figures are otherwise unexplained.
 
 Buckets under `SMALL_BUCKET_BYTES` skip all this: they are latency-bound, and one call of MPI's
 own Allreduce (through an `Allreducer` on the whole communicator) beats two barriers.
