@@ -6,6 +6,7 @@ NP     ?= 2
 CONFIG ?= configs/digits_mlp.yaml
 # The CPU build lies on disk here; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+MPI_LOADS := import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; MPI.Get_library_version()
 
 .PHONY: install train test test-slurm lint bench clean
 
@@ -23,6 +24,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 		$(PY) -m pip install --quiet mpich; \
 	fi
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_PIN)"
+	@# An mpiexec on the PATH whose MPI library mpi4py cannot load (another venv's, say): take
+	@# MPICH from PyPI after all. Loads the library without MPI_Init (not on a login node).
+	@if ! $(PY) -c "$(MPI_LOADS)" >/dev/null 2>&1; then \
+		echo "mpi4py cannot load the MPI library behind $$(command -v mpiexec): installing the mpich wheel"; \
+		$(PY) -m pip install --quiet mpich; \
+		$(PY) -c "$(MPI_LOADS)" || { echo "mpi4py still cannot load an MPI library: put your MPI's lib directory on LD_LIBRARY_PATH, or take mpiexec off the PATH to use the mpich wheel"; exit 1; }; \
+	fi
 	touch $@
 
 train: install
