@@ -32,7 +32,10 @@ import sys
 
 import numpy as np
 import torch
-from mpi4py import MPI
+from mpi4py import MPI  # it probes shared windows; the library keeps MPI in mpiml.comm
+
+from mpiml.comm import World
+from mpiml.comm.world import run_or_abort
 
 HISTORIES: dict[str, list[tuple[int, str]]] = {
     "peer:w": [(1, "w")],
@@ -50,15 +53,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=120)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    world = MPI.COMM_WORLD
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    if world.Get_size() != 2 or node.Get_size() != 2:
-        if world.Get_rank() == 0:
-            sys.stderr.write("probe_coherence: run it with two ranks on one node "
-                             "(mpiexec -n 2)\n")
-        return 2
-    torch.set_num_threads(1)
-    rank = node.Get_rank()
+    with World() as world:
+        if world.size != 2 or world.local_size != 2:
+            if world.is_root:
+                sys.stderr.write("probe_coherence: run it with two ranks on one node "
+                                 "(mpiexec -n 2)\n")
+            return 2
+        torch.set_num_threads(1)
+        probe(world.node_comm, world.local_rank, args)
+    return 0
+
+
+def probe(node: MPI.Comm, rank: int, args: argparse.Namespace) -> None:
     n = int(args.mb * 1e6 / 4)
     win = MPI.Win.Allocate_shared(n * 4 if rank == 0 else 0, 4, comm=node)
     memory, _ = win.Shared_query(0)
@@ -94,9 +100,7 @@ def main() -> int:
                 f.write(text + "\n")
     node.Barrier()
     win.Free()
-    node.Free()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_or_abort(main))  # an exception on one rank ends the job, not just that rank
