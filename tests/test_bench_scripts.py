@@ -84,16 +84,22 @@ def test_exposed_time_per_step_keeps_a_stalled_step_to_its_round():
     assert got < 3e-3 < per_rank.mean()  # the pooled mean would carry the stall
 
 
-def test_bench_memory_reports_growth_in_gradient_sizes_from_its_peaks():
-    proc = subprocess.Popen([python(), str(REPO / "scripts" / "bench_memory.py"), "--model",
-                             "mlp", "--steps", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+def script(name: str, *args: str, timeout: float = 180) -> tuple[int, str, str]:
+    """A script that launches its own processes (or none): (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([python(), str(REPO / "scripts" / name), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         out, err = kill_group(proc)
-        pytest.fail(f"bench_memory.py did not finish within 180 s\n{out}\n{err}")
-    assert proc.returncode == 0, err
+        pytest.fail(f"{name} did not finish within {timeout} s\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def test_bench_memory_reports_growth_in_gradient_sizes_from_its_peaks():
+    code, out, err = script("bench_memory.py", "--model", "mlp", "--steps", "2")
+    assert code == 0, err
     doc = json.loads(out)
     from bench_train import build
 
@@ -117,3 +123,29 @@ def test_probe_coherence_times_every_history_and_wants_two_ranks(tmp_path):
     job = run_mpi(3, [python(), str(REPO / "scripts" / "probe_coherence.py")], timeout=60)
     assert job.returncode == 2
     assert "two ranks on one node" in job.output
+
+
+def test_bench_runs_gathers_every_run_of_bench_train(tmp_path):
+    tiny = ("--models", "mlp,cnn", "--repeats", "2", "--steps", "1", "--batch", "4")
+    code, out, err = script("bench_runs.py", "--runs", "2", "--pause", "0", "--out",
+                            str(tmp_path / "runs.json"), "--", *tiny, timeout=300)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc == json.loads((tmp_path / "runs.json").read_text())
+    assert doc["runs"] == 2 and doc["bench_train_args"] == list(tiny)
+    assert set(doc["results"]) == {"mlp", "cnn"}
+    for figures in doc["results"].values():
+        assert set(figures) == {"scaling_efficiency", "no_sync_efficiency",
+                                "ratio_mpiml_over_ddp", "mpiml_vs_no_sync"}
+        for f in figures.values():
+            assert len(f["runs"]) == 2 and all(v > 0 for v in f["runs"])
+            assert f["median"] == pytest.approx(float(np.median(f["runs"])), abs=1e-3)
+            assert (f["min"], f["max"]) == (min(f["runs"]), max(f["runs"]))
+            assert f["runs_at_or_above_bar"] == sum(v >= f["bar"] for v in f["runs"])
+
+
+def test_bench_runs_stops_at_a_failed_run_and_shows_why():
+    code, _, err = script("bench_runs.py", "--runs", "3", "--", "--models", "nope",
+                          timeout=120)
+    assert code != 0
+    assert "exited with" in err and "unknown model 'nope'" in err
