@@ -21,45 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def mpiexec() -> str:
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
-
-
-def run(np_: int, argv: list[str], timeout: float = 600) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([mpiexec(), "-n", str(np_), *argv], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
+from launch import run_job
 
 
 def horovod_style(np_: int, epochs: int, tmp: Path) -> float:
     out = tmp / "hvd.json"
-    run(np_, [sys.executable, "examples/horovod_style_mnist_like.py", "--epochs", str(epochs),
-              "--quiet", "--metrics-json", str(out)])
+    run_job(np_, [sys.executable, "examples/horovod_style_mnist_like.py", "--epochs",
+                  str(epochs), "--quiet", "--metrics-json", str(out)])
     rates = json.loads(out.read_text())["samples_per_s_by_epoch"][1:]
     return statistics.median(rates)
 
 
 def mpiml_trainer(np_: int, epochs: int, tmp: Path) -> float:
     run_dir = tmp / f"trainer-{time.monotonic_ns()}"
-    run(np_, [sys.executable, "-m", "mpiml.train", "configs/digits_mlp.yaml",
-              "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=null",
-              "--set", "log.progress='off'", "--set", f"run.dir={run_dir}"])
+    run_job(np_, [sys.executable, "-m", "mpiml.train", "configs/digits_mlp.yaml",
+                  "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=null",
+                  "--set", "log.progress='off'", "--set", f"run.dir={run_dir}"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
     return statistics.median(rates)
@@ -100,7 +83,8 @@ def main() -> int:
         for _ in range(args.rounds):
             runs["horovod_style"].append(horovod_style(args.np, args.epochs, tmp))
             runs["mpiml_trainer"].append(mpiml_trainer(args.np, args.epochs, tmp))
-        latency = json.loads(run(args.np, [sys.executable, "-c", LATENCY]).strip().splitlines()[-1])
+        latency_out = run_job(args.np, [sys.executable, "-c", LATENCY])
+        latency = json.loads(latency_out.strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in runs.items()}
     doc = {
         "world_size": args.np, "rounds": args.rounds, "epochs": args.epochs,

@@ -10,9 +10,9 @@ anything from 1% to 13% (the loop with no gradient sync at all against one proce
 A figure near a threshold then passes in one run and fails in the next, so the claim is the
 median over many separate runs, with how many of them passed on their own.
 
-Each run is a fresh `mpiexec -n NP python scripts/bench_train.py ARGS --out FILE`, killed with
-its process group if it outlives `--timeout`; a failed run stops the whole measurement (its
-output is shown). Prints one JSON document: per model and figure, every run's value, their
+Each run is a fresh `mpiexec -n NP python scripts/bench_train.py ARGS --out FILE`, killed
+whole if it outlives `--timeout` (`launch.run_job`); a failed run stops the whole measurement
+(its output is shown). Prints one JSON document: per model and figure, every run's value, their
 median, minimum and maximum, and how many runs reached the issue's bar (scaling efficiency
 0.9, the ratio to DDP 1.0, overlap hiding half the exposed time).
 """
@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from launch import run_job
 
 SCRIPT = Path(__file__).resolve().parent / "bench_train.py"
 
@@ -41,33 +39,6 @@ FIGURES = {
     "mpiml_vs_no_sync": (("mpiml_vs_no_sync",), 1.0),
     "overlap_hides": (("overlap_hides",), 0.5),
 }
-
-
-def launcher() -> str:
-    """The mpiexec beside this Python (the venv's mpich wheel), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise SystemExit("no mpiexec found: run `make install` or put your MPI's on the PATH")
-    return found
-
-
-def one_run(cmd: list[str], timeout: float) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        message = f"`{' '.join(cmd)}` ran over {timeout:.0f} s; killed it\n{output}"
-        raise SystemExit(message) from None
-    except BaseException:  # Ctrl-C: the run is in a session of its own and would go on
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    if proc.returncode != 0:
-        raise SystemExit(f"`{' '.join(cmd)}` exited with {proc.returncode}\n{output}")
-    return json.loads(Path(cmd[-1]).read_text())
 
 
 def spread(values: list[float], bar: float) -> dict:
@@ -94,9 +65,9 @@ def main() -> int:
             if i:
                 time.sleep(args.pause)
             out = str(Path(tmp) / f"run{i}.json")
-            cmd = [launcher(), "-n", str(args.np), sys.executable, str(SCRIPT),
-                   *args.train_args, "--out", out]
-            for result in one_run(cmd, args.timeout)["results"]:
+            run_job(args.np, [sys.executable, str(SCRIPT), *args.train_args, "--out", out],
+                    args.timeout)
+            for result in json.loads(Path(out).read_text())["results"]:
                 figures = per_model.setdefault(result["model"], {k: [] for k in FIGURES})
                 for name, (path, _) in FIGURES.items():
                     value = result

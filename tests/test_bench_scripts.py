@@ -162,7 +162,10 @@ def test_bench_runs_interrupted_takes_its_run_with_it():
     proc = subprocess.Popen([python(), str(REPO / "scripts" / "bench_runs.py"), "--runs", "1",
                              "--", "--models", "mlp", "--repeats", "100000",
                              "--bucket-mb", marker], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # a test run in the background inherits SIGINT ignored, and
+                            # Python then leaves it so: give the script a terminal's Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def training() -> bool:
         found = subprocess.run(["pgrep", "-f", f"bench_train.py.*{marker}"],
