@@ -1,8 +1,8 @@
 """Start an mpiexec job from a benchmark script, and never leave it running on its own.
 
 The job runs in a session of its own, so that a timeout can kill every process of it (hydra
-killed alone leaves its ranks behind); Ctrl-C on the script then has to end the job too, as
-it no longer reaches the job from the terminal.
+killed alone leaves its ranks behind); Ctrl-C or a SIGTERM to the script then has to end the
+job too, as neither reaches the job's session by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def run_job(np_: int, argv: list[str], timeout: float = 600) -> str:
     cmd = [mpiexec(), "-n", str(np_), *argv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=REPO, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -41,9 +42,15 @@ def run_job(np_: int, argv: list[str], timeout: float = 600) -> str:
         out, err = proc.communicate()
         raise SystemExit(f"`{' '.join(cmd)}` ran over {timeout:.0f} s; killed it\n"
                          f"{out}\n{err}") from None
-    except BaseException:  # Ctrl-C
+    except BaseException:  # Ctrl-C or SIGTERM
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if proc.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` exited with {proc.returncode}\n{out}\n{err}")
     return out
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -155,9 +155,10 @@ def test_bench_runs_stops_at_a_failed_run_and_shows_why():
     assert "exited with" in err and "unknown model 'nope'" in err
 
 
-def test_bench_runs_interrupted_takes_its_run_with_it():
-    """Each run is in a session of its own (so a timeout can kill its whole group); Ctrl-C on
-    bench_runs.py must then end the run too, not leave two ranks training on their own."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_bench_runs_interrupted_takes_its_run_with_it(sig):
+    """Each run is in a session of its own (so a timeout can kill its whole group); Ctrl-C or
+    a SIGTERM to bench_runs.py must then end the run too, not leave ranks training alone."""
     marker = "3.14159"  # a bucket size nobody else uses: finds this run's processes
     proc = subprocess.Popen([python(), str(REPO / "scripts" / "bench_runs.py"), "--runs", "1",
                              "--", "--models", "mlp", "--repeats", "100000",
@@ -178,7 +179,7 @@ def test_bench_runs_interrupted_takes_its_run_with_it():
             assert time.monotonic() < deadline, "bench_train.py never started"
             time.sleep(0.2)
         time.sleep(2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=30) != 0
         deadline = time.monotonic() + 15
         while training():
