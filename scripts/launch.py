@@ -7,6 +7,8 @@ job too, as neither reaches the job's session by itself.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -17,13 +19,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def mpiexec() -> str:
-    """The launcher beside this Python (the venv's mpich wheel), else the one on PATH."""
+@functools.lru_cache(maxsize=1)
+def mpiexec() -> tuple[str, ...]:
+    """The launcher beside this Python (the venv's mpich wheel), else the one on PATH, with
+    the flags Open MPI needs to start more ranks than cores, and as root (containers)."""
     local = Path(sys.executable).parent / "mpiexec"
     found = str(local) if local.exists() else shutil.which("mpiexec")
     if found is None:
         raise SystemExit("no mpiexec found: run `make install` or put your MPI's on the PATH")
-    return found
+    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        return found, "--oversubscribe", "--allow-run-as-root"
+    return (found,)
 
 
 def run_job(np_: int, argv: list[str], timeout: float = 600) -> str:
@@ -31,19 +38,19 @@ def run_job(np_: int, argv: list[str], timeout: float = 600) -> str:
     Exits with the job's output if it fails or outlives `timeout` seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [mpiexec(), "-n", str(np_), *argv]
+    cmd = [*mpiexec(), "-n", str(np_), *argv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=REPO, start_new_session=True)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         out, err = proc.communicate()
         raise SystemExit(f"`{' '.join(cmd)}` ran over {timeout:.0f} s; killed it\n"
                          f"{out}\n{err}") from None
     except BaseException:  # Ctrl-C or SIGTERM
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -54,3 +61,8 @@ def run_job(np_: int, argv: list[str], timeout: float = 600) -> str:
 
 def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+        os.killpg(proc.pid, signal.SIGKILL)

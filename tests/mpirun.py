@@ -6,9 +6,7 @@ SIGTERM, then SIGKILL, and the test fails with everything the job printed.
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,19 +18,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SUPPORT = REPO / "tests" / "support"
+sys.path.insert(0, str(REPO / "scripts"))  # the scripts' own helpers
+
+import launch  # noqa: E402  (found through the line above)
 
 
-@functools.lru_cache(maxsize=1)
 def mpiexec() -> list[str]:
-    """The launcher beside this Python (the venv's MPICH) or on PATH, with the flags it needs."""
-    local = Path(sys.executable).parent / "mpiexec"
-    exe = str(local) if local.exists() else shutil.which("mpiexec")
-    if exe is None:
-        pytest.fail("no mpiexec found: run `make install` (it installs the mpich wheel)")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" in version or "OpenRTE" in version:
-        return [exe, "--oversubscribe", "--allow-run-as-root"]
-    return [exe]
+    """The launcher the benchmark scripts use (`scripts/launch.py`), with its flags."""
+    try:
+        return list(launch.mpiexec())
+    except SystemExit as missing:
+        pytest.fail(str(missing))
 
 
 @dataclass

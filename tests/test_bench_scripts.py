@@ -8,15 +8,12 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from mpirun import REPO, kill_group, python, run_mpi
-
-sys.path.insert(0, str(REPO / "scripts"))  # the scripts' own helpers, imported below
 
 
 def bench(n: int, script: str, out, *args: str) -> dict:
